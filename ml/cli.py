@@ -1,0 +1,161 @@
+"""The ``crm`` command: every action a user takes by hand, each a thin call into the modules that do it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+from ml.config import Settings
+from ml.errors import CrmError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        settings = Settings.from_env()
+        return args.run(settings, args) or 0
+    except CrmError as err:
+        print(f"crm: error: {err}", file=sys.stderr)
+        return 1
+    except ValueError as err:  # configuration errors from Settings
+        print(f"crm: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("crm: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crm", description="CRM precision-marketing platform")
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    wh = sub.add_parser("warehouse", help="start, stop or inspect the embedded PostgreSQL warehouse")
+    wh_sub = wh.add_subparsers(metavar="ACTION", required=True)
+    wh_sub.add_parser("start", help="start the embedded server and create the schemas").set_defaults(
+        run=_warehouse_start
+    )
+    wh_sub.add_parser("stop", help="stop the embedded server").set_defaults(run=_warehouse_stop)
+    wh_sub.add_parser("url", help="print the warehouse URL (password redacted)").set_defaults(run=_warehouse_url)
+
+    gen = sub.add_parser("generate", help="generate a synthetic CRM into the raw layer")
+    gen.add_argument("--customers", type=int, default=5000)
+    gen.add_argument("--days", type=int, default=730, help="days of order history")
+    gen.add_argument("--seed", type=int, default=42)
+    gen.add_argument("--end-date", type=date.fromisoformat, default=None,
+                     help="last day of history (default: the generator's fixed anchor date)")
+    gen.set_defaults(run=_generate)
+
+    ing = sub.add_parser("ingest", help="load a real data file into the raw layer")
+    ing_sub = ing.add_subparsers(metavar="SOURCE", required=True)
+    for name, helptext in [
+        ("online-retail", "UCI Online Retail or Online Retail II (CSV, .csv.gz or XLSX)"),
+        ("cdnow", "CDNOW master file (customer_id,date,number_of_cds,dollar_value)"),
+    ]:
+        one = ing_sub.add_parser(name, help=helptext)
+        one.add_argument("file", type=Path)
+        one.set_defaults(run=_ingest, source=name)
+
+    sub.add_parser("status", help="warehouse row counts and the latest load batches").set_defaults(run=_status)
+    sub.add_parser("demo", help="the main job: warehouse up, demo CRM generated and loaded").set_defaults(
+        run=_demo
+    )
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------------------
+def _warehouse_start(settings: Settings, args) -> int:
+    from ml.warehouse import ensure_warehouse
+
+    if not settings.embedded:
+        print(f"using the external warehouse {settings.warehouse.redacted()} (WAREHOUSE_URL)")
+    ensure_warehouse(settings)
+    print(f"warehouse ready: {settings.warehouse.redacted()}")
+    if settings.embedded:
+        print(f"  data folder: {settings.pgdata}")
+    return 0
+
+
+def _warehouse_stop(settings: Settings, args) -> int:
+    from ml.warehouse import stop_embedded
+
+    if not settings.embedded:
+        raise CrmError("WAREHOUSE_URL is set: the external warehouse is not ours to stop")
+    print("warehouse stopped" if stop_embedded(settings) else "warehouse was not running")
+    return 0
+
+
+def _warehouse_url(settings: Settings, args) -> int:
+    print(settings.warehouse.redacted())
+    return 0
+
+
+def _generate(settings: Settings, args) -> int:
+    from ml.ingest.generator import GeneratorParams, generate
+    from ml.warehouse import connect, ensure_warehouse
+
+    ensure_warehouse(settings)
+    params = GeneratorParams(customers=args.customers, days=args.days, seed=args.seed, end_date=args.end_date)
+    started = time.perf_counter()
+    with connect(settings) as conn:
+        report = generate(conn, params)
+    _print_report(report, time.perf_counter() - started)
+    return 0
+
+
+def _ingest(settings: Settings, args) -> int:
+    from ml.warehouse import connect, ensure_warehouse
+
+    path: Path = args.file
+    if not path.is_file():
+        raise CrmError(f"no such file: {path}")
+    if args.source == "online-retail":
+        from ml.ingest.online_retail import load_online_retail as load
+    else:
+        from ml.ingest.cdnow import load_cdnow as load
+    ensure_warehouse(settings)
+    started = time.perf_counter()
+    with connect(settings) as conn:
+        report = load(conn, path)
+    _print_report(report, time.perf_counter() - started)
+    return 0
+
+
+def _status(settings: Settings, args) -> int:
+    from ml.warehouse import connect, table_counts
+
+    with connect(settings) as conn:
+        counts = table_counts(conn)
+        batches = conn.execute(
+            "select batch_id, source, source_name, status, lines_read, rows_loaded, rows_quarantined, "
+            "finished_at from audit.load_batches order by batch_id desc limit 10"
+        ).fetchall()
+    print(f"warehouse {settings.warehouse.redacted()}")
+    for table, n in counts.items():
+        print(f"  {table:<40} {n:>12,}")
+    print("latest load batches:")
+    for b in batches:
+        print(f"  #{b[0]} {b[1]} {b[2]} {b[3]}: read {b[4]}, loaded {b[5]}, quarantined {b[6]} at {b[7]}")
+    return 0
+
+
+def _demo(settings: Settings, args) -> int:
+    """The main job. Grows with the pipeline: today it brings the warehouse up and loads a demo CRM."""
+    from ml.pipeline import run_demo
+
+    return run_demo(settings)
+
+
+def _print_report(report, seconds: float) -> None:
+    print(report.summary())
+    print(f"  took {seconds:.1f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Getting data into the raw layer: the synthetic CRM generator and importers for real files."""

@@ -1,0 +1,120 @@
+-- The raw layer as source systems deliver it, plus the audit tables of the load process.
+-- Columns are typed only as far as the loader can guarantee (a value that does not parse is quarantined);
+-- everything semantic (duplicates, test accounts, bad emails, future dates, returns) is left to dbt staging.
+-- Every raw row carries the batch that loaded it and when. Idempotent: safe to run on every start.
+
+create table if not exists audit.load_batches (
+    batch_id          bigint generated always as identity primary key,
+    source            text        not null,  -- generator | online_retail | cdnow | ...
+    source_name       text        not null,  -- file name, or the generator's parameters
+    content_sha256    text        not null,  -- what makes a second load of the same input a no-op
+    status            text        not null check (status in ('loaded', 'failed')),
+    started_at        timestamptz not null default clock_timestamp(),
+    finished_at       timestamptz,
+    lines_read        bigint,
+    rows_loaded       bigint,
+    rows_quarantined  bigint,
+    rows_by_table     jsonb,
+    error             text
+);
+create unique index if not exists load_batches_loaded_once
+    on audit.load_batches (source, content_sha256) where status = 'loaded';
+
+create table if not exists audit.quarantine (
+    batch_id     bigint      not null references audit.load_batches (batch_id),
+    source       text        not null,
+    target_table text        not null,
+    line_no      bigint,                 -- 1-based line in the input file (header = line 1)
+    raw_text     text,
+    reason       text        not null,
+    _loaded_at   timestamptz not null default now()
+);
+create index if not exists quarantine_batch on audit.quarantine (batch_id);
+
+create table if not exists raw.customers (
+    customer_id          text,
+    email                text,
+    full_name            text,
+    gender               text,
+    birth_date           date,
+    country              text,
+    city                 text,
+    signup_at            timestamp,
+    acquisition_channel  text,
+    is_test_account      boolean,
+    _batch_id            bigint      not null,
+    _loaded_at           timestamptz not null default now()
+);
+
+create table if not exists raw.products (
+    product_id    text,
+    sku           text,
+    product_name  text,
+    category      text,
+    subcategory   text,
+    brand         text,
+    list_price    numeric(14, 4),
+    _batch_id     bigint      not null,
+    _loaded_at    timestamptz not null default now()
+);
+
+create table if not exists raw.orders (
+    order_id     text,
+    customer_id  text,          -- null when the source system lost it
+    ordered_at   timestamp,
+    status       text,          -- completed | cancelled | returned (source vocabulary, not cleaned)
+    channel      text,
+    _batch_id    bigint      not null,
+    _loaded_at   timestamptz not null default now()
+);
+
+create table if not exists raw.order_lines (
+    order_id     text,
+    line_no      integer,
+    product_id   text,
+    quantity     integer,       -- negative on returns and cancellations
+    unit_price   numeric(14, 4),
+    discount     numeric(6, 4), -- fraction of the unit price, 0..1
+    _batch_id    bigint      not null,
+    _loaded_at   timestamptz not null default now()
+);
+
+create table if not exists raw.web_events (
+    customer_id  text,
+    session_id   text,
+    event_type   text,          -- view | cart | search
+    product_id   text,
+    event_at     timestamp,
+    _batch_id    bigint      not null,
+    _loaded_at   timestamptz not null default now()
+);
+
+-- What the generator planted, so tests can check models against the truth.
+create table if not exists audit.planted_truth (
+    batch_id  bigint not null references audit.load_batches (batch_id),
+    key       text   not null,
+    value     jsonb  not null,
+    primary key (batch_id, key)
+);
+
+create table if not exists audit.planted_customers (
+    batch_id          bigint  not null references audit.load_batches (batch_id),
+    customer_id       text    not null,
+    segment           text    not null,
+    purchase_rate     double precision not null,  -- lambda: expected purchases per day while alive
+    dropout_prob      double precision not null,  -- p: chance of dropping out after each purchase
+    mean_order_value  double precision not null,
+    is_alive_at_end   boolean not null,
+    primary key (batch_id, customer_id)
+);
+
+create table if not exists audit.planted_bundles (
+    batch_id     bigint not null references audit.load_batches (batch_id),
+    bundle_id    integer not null,
+    product_ids  text[] not null,
+    add_prob     double precision not null,  -- chance a basket holding the first item gets the rest
+    support      double precision,           -- measured on the generated baskets
+    confidence   double precision,
+    lift         double precision,
+    primary key (batch_id, bundle_id)
+);
