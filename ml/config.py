@@ -24,7 +24,7 @@ WAREHOUSE_SCHEMAS = ("raw", "staging", "marts", "ml", "audit")
 class Settings:
     """Where the warehouse, MLflow and local state live.
 
-    ``warehouse_url`` is a libpq URL (``postgresql://user:pass@host:port/db``). When the user does not
+    ``warehouse_url`` is a libpq URL (``postgresql://user@host:port/db``, password allowed). When the user does not
     set ``WAREHOUSE_URL`` the embedded PostgreSQL under ``state_dir`` is used and ``embedded`` is true.
     """
 
