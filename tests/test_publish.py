@@ -3,12 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
-import signal
-import subprocess
-import sys
-import threading
-import time
 import uuid
 
 import numpy as np
@@ -16,11 +10,9 @@ import pandas as pd
 import psycopg
 import pytest
 
-from ml.config import PROJECT_ROOT
 from ml.publish import (
     METADATA_COLUMNS,
     PublishError,
-    PublishLockTimeout,
     content_checksum,
     current_as_of,
     publish,
