@@ -1,0 +1,833 @@
+"""Recommenders for cross-sell: popularity, rules, item- and user-based CF, content-based, hybrid.
+
+All share one interface (scikit-learn style, learned state ends in ``_``)::
+
+    rec = ItemKNNRecommender(weighting="bm25").fit(interactions, products=None)
+    rec.recommend(customer_ids, n=10, exclude_purchased=True)
+        -> DataFrame[customer_id, rank, product_id, score, method, reason]
+    rec.recommend_for_basket(basket_items, customer_id=None, n=10)   # request time
+
+``interactions`` is ``basket_lines``/``fct_order_lines``-shaped: ``customer_id``, ``product_id``,
+``basket_id`` (or ``order_id``) and, for recency, ``ordered_at``. ``products`` is
+``dim_products``-shaped (``product_id``, ``product_name``, ``category``, ``subcategory``, ``brand``,
+``price_band``) and is needed only by the content-based model (and for readable reasons).
+
+Everything is sparse (customer x item CSR, item x item top-k CSR); dense arrays exist only for a
+chunk of customers x items while scoring, sized so a chunk stays around 20M cells.
+
+Every recommendation carries a ``reason`` a marketer can read: the rule that fired, the bought items
+it is similar to, or "popular item (no history)" for a customer we have never seen. Slots a model
+cannot fill with a positive score (too little history) are filled from popularity, said so in the
+reason and with ``method='popularity'``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from sklearn.base import BaseEstimator, clone
+
+from ml.baskets import AssociationRules, BasketError, FrequentItemsets
+from ml.errors import CrmError
+
+OUTPUT_COLUMNS = ["customer_id", "rank", "product_id", "score", "method", "reason"]
+_CHUNK_CELLS = 20_000_000
+
+
+class RecommenderError(CrmError):
+    """Input a recommender cannot work with (no interactions, missing columns, not fitted)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# input shaping
+
+
+def prepare_interactions(interactions: pd.DataFrame) -> pd.DataFrame:
+    """Normalise order lines to ``customer_id, basket_id, product_id, ordered_at`` (distinct rows).
+
+    Lines without a customer cannot be personalised and are dropped. ``ordered_at`` defaults to the
+    basket order when absent, so recency still follows the basket sequence.
+    """
+    if interactions is None or len(interactions) == 0:
+        raise RecommenderError("no interactions to learn from: the order lines are empty")
+    cols = set(interactions.columns)
+    basket = "basket_id" if "basket_id" in cols else "order_id" if "order_id" in cols else None
+    missing = {"customer_id", "product_id"} - cols
+    if missing or basket is None:
+        raise RecommenderError(
+            f"interactions need customer_id, product_id and basket_id (or order_id); missing "
+            f"{sorted(missing | ({'basket_id'} if basket is None else set()))}"
+        )
+    keep = ["customer_id", basket, "product_id"] + (["ordered_at"] if "ordered_at" in cols else [])
+    frame = interactions[keep].rename(columns={basket: "basket_id"}).dropna(subset=["customer_id", "product_id"])
+    if frame.empty:
+        raise RecommenderError("no interactions with a customer: every order line lacks customer_id")
+    frame = frame.astype({"customer_id": "str", "product_id": "str", "basket_id": "str"})
+    if "ordered_at" not in frame.columns:
+        frame["ordered_at"] = pd.factorize(frame["basket_id"])[0]
+    return frame.drop_duplicates(["customer_id", "basket_id", "product_id"]).reset_index(drop=True)
+
+
+def products_from_interactions(interactions: pd.DataFrame) -> pd.DataFrame | None:
+    """A ``products`` frame from attribute columns carried on the order lines, if any."""
+    attrs = [c for c in ("product_name", "description", "category", "subcategory", "brand", "price_band")
+             if c in interactions.columns]
+    if not attrs:
+        return None
+    products = interactions[["product_id", *attrs]].dropna(subset=["product_id"]).drop_duplicates("product_id")
+    return products.astype({"product_id": "str"}).reset_index(drop=True)
+
+
+def _l2_rows(m: sp.csr_matrix) -> sp.csr_matrix:
+    norms = np.sqrt(np.asarray(m.multiply(m).sum(axis=1)).ravel())
+    norms[norms == 0] = 1.0
+    return sp.csr_matrix(sp.diags(1.0 / norms) @ m)
+
+
+def bm25_weight(m: sp.csr_matrix, k1: float = 1.2, b: float = 0.75) -> sp.csr_matrix:
+    """BM25 weights of a documents x terms count matrix (rows are documents).
+
+    Terms seen in many documents get a low idf; long documents are length-normalised. Used with
+    items as documents and customers as terms for item-item CF (a mass buyer tells little about
+    which two items belong together), and the transpose for user-user CF.
+    """
+    coo = sp.coo_matrix(m)
+    n = coo.shape[0]
+    idf = np.log(n) - np.log1p(np.bincount(coo.col, minlength=coo.shape[1]))
+    lengths = np.asarray(m.sum(axis=1)).ravel()
+    norm = (1.0 - b) + b * lengths / max(lengths.mean(), 1e-12)
+    data = coo.data * (k1 + 1.0) / (k1 * norm[coo.row] + coo.data) * idf[coo.col]
+    return sp.csr_matrix((data, (coo.row, coo.col)), shape=coo.shape)
+
+
+def top_k_per_row(m: sp.csr_matrix, k: int) -> sp.csr_matrix:
+    """Keep the ``k`` largest entries of every row of a sparse matrix (vectorised, no row loop)."""
+    m = sp.csr_matrix(m)
+    m.eliminate_zeros()
+    counts = np.diff(m.indptr)
+    if counts.max(initial=0) <= k:
+        return m
+    rows = np.repeat(np.arange(m.shape[0]), counts)
+    order = np.lexsort((-m.data, rows))
+    starts = np.repeat(m.indptr[:-1], counts)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order)) - starts  # position of each entry within its row, best first
+    keep = rank < k
+    return sp.csr_matrix((m.data[keep], (rows[keep], m.indices[keep])), shape=m.shape)
+
+
+def _normalise_rows_max(scores: np.ndarray) -> np.ndarray:
+    """Scale each row so its best positive score is 1 (blending models with different scales)."""
+    top = np.max(np.where(np.isfinite(scores), scores, 0.0), axis=1, keepdims=True)
+    top[top <= 0] = 1.0
+    return scores / top
+
+
+# --------------------------------------------------------------------------------------------------
+# the shared machinery
+
+
+class BaseRecommender(BaseEstimator):
+    """Fitting bookkeeping, chunked top-n, exclusion of bought items, popularity fill, reasons.
+
+    Subclasses implement ``_fit_model()`` and ``_scores(history, recent, rows)`` returning a dense
+    (customers x items) array, and ``_reasons(...)`` for their picks.
+    """
+
+    method = "base"
+
+    def fit(self, interactions: pd.DataFrame, products: pd.DataFrame | None = None) -> BaseRecommender:
+        lines = prepare_interactions(interactions)
+        if products is None:
+            products = products_from_interactions(interactions)
+        catalogue = lines["product_id"].unique()
+        if products is not None and len(products):
+            catalogue = pd.Index(catalogue).union(pd.Index(products["product_id"].astype(str)))
+        self.items_ = pd.Index(pd.Index(catalogue).unique().sort_values(), name="product_id")
+        self.customers_ = pd.Index(lines["customer_id"].unique(), name="customer_id").sort_values()
+        self.products_ = self._products_table(products)
+        rows = self.customers_.get_indexer(lines["customer_id"])
+        cols = self.items_.get_indexer(lines["product_id"])
+        shape = (len(self.customers_), len(self.items_))
+        # customer x item: number of orders containing the item
+        self.history_ = sp.csr_matrix((np.ones(len(lines), dtype=np.float32), (rows, cols)), shape=shape)
+        self.history_.sum_duplicates()
+        self.item_orders_ = np.asarray(self.history_.sum(axis=0)).ravel()  # baskets containing each item
+        self.recent_ = self._recent_baskets(lines, rows, cols, shape)
+        self.last_ordered_at_ = lines["ordered_at"].max()
+        self._lines = lines  # kept for subclasses' fitting only; dropped after
+        self._fit_model()
+        del self._lines
+        return self
+
+    # -- hooks
+    def _fit_model(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _scores(self, history: sp.csr_matrix, recent: sp.csr_matrix, rows: np.ndarray | None) -> np.ndarray:
+        raise NotImplementedError  # pragma: no cover
+
+    def _reasons(self, history, recent, rows, picks, picked_scores) -> np.ndarray:
+        return np.full(picks.shape, f"recommended by {self.method}", dtype=object)
+
+    # -- helpers shared by subclasses
+    n_recent_baskets = 3
+
+    def _recent_baskets(self, lines, rows, cols, shape) -> sp.csr_matrix:
+        """Binary customer x item matrix of each customer's last ``n_recent_baskets`` baskets."""
+        baskets = lines[["customer_id", "basket_id", "ordered_at"]].drop_duplicates("basket_id")
+        baskets = baskets.sort_values(["customer_id", "ordered_at", "basket_id"])
+        baskets["from_end"] = baskets.groupby("customer_id").cumcount(ascending=False)
+        recent_ids = baskets.loc[baskets["from_end"] < self.n_recent_baskets, "basket_id"]
+        mask = lines["basket_id"].isin(recent_ids).to_numpy()
+        m = sp.csr_matrix((np.ones(mask.sum(), dtype=np.float32), (rows[mask], cols[mask])), shape=shape)
+        m.data[:] = 1.0
+        return m
+
+    def _products_table(self, products: pd.DataFrame | None) -> pd.DataFrame:
+        table = pd.DataFrame(index=self.items_)
+        if products is not None and len(products):
+            p = products.astype({"product_id": "str"}).drop_duplicates("product_id").set_index("product_id")
+            table = table.join(p, how="left")
+        name_col = next((c for c in ("product_name", "description") if c in table.columns), None)
+        names = table[name_col] if name_col else pd.Series(pd.NA, index=table.index, dtype="str")
+        table["display_name"] = names.fillna(pd.Series(table.index, index=table.index)).astype(str)
+        return table
+
+    def _names(self, item_idx: np.ndarray) -> np.ndarray:
+        return self.products_["display_name"].to_numpy()[item_idx]
+
+    def _binary(self, m: sp.csr_matrix) -> sp.csr_matrix:
+        b = m.copy()
+        b.data[:] = 1.0
+        return b
+
+    def _popularity_scores(self) -> np.ndarray:
+        return self.item_orders_.astype(np.float64)
+
+    # -- public API
+    def _check_fitted(self):
+        if not hasattr(self, "history_"):
+            raise RecommenderError(f"{type(self).__name__} is not fitted: call .fit(interactions) first")
+
+    def recommend(self, customer_ids, n: int = 10, exclude_purchased: bool = True) -> pd.DataFrame:
+        """Top-``n`` items per customer. Unknown customers get popular items, said in the reason."""
+        self._check_fitted()
+        if n < 1:
+            raise RecommenderError(f"n must be at least 1, got {n}")
+        ids = pd.Index(pd.Series(list(customer_ids), dtype="str")).unique()
+        rows = self.customers_.get_indexer(ids)
+        known = rows >= 0
+        frames = []
+        chunk = max(1, _CHUNK_CELLS // max(len(self.items_), 1))
+        known_rows, known_ids = rows[known], ids[known]
+        for start in range(0, len(known_rows), chunk):
+            r = known_rows[start:start + chunk]
+            frames.append(self._recommend_rows(
+                known_ids[start:start + chunk], self.history_[r], self.recent_[r], r, n, exclude_purchased))
+        if (~known).any():
+            frames.append(self._cold_start(ids[~known], n))
+        if not frames:
+            return pd.DataFrame(columns=OUTPUT_COLUMNS)
+        return pd.concat(frames, ignore_index=True)[OUTPUT_COLUMNS]
+
+    def recommend_for_basket(self, basket_items, customer_id=None, n: int = 10) -> pd.DataFrame:
+        """Request time: items to add to the current basket (plus the customer's history if known).
+
+        Items already in the basket (and, for a known customer, bought before) are not offered.
+        Basket items unknown to the model are ignored; with nothing known the answer is popularity.
+        """
+        self._check_fitted()
+        basket = pd.Index(pd.Series(list(basket_items), dtype="str")).unique()
+        cols = self.items_.get_indexer(basket)
+        cols = cols[cols >= 0]
+        basket_vec = sp.csr_matrix((np.ones(len(cols), dtype=np.float32), (np.zeros(len(cols), dtype=np.int64), cols)),
+                                   shape=(1, len(self.items_)))
+        row = self.customers_.get_indexer(pd.Index([str(customer_id)]))[0] if customer_id is not None else -1
+        label = pd.Index([str(customer_id) if customer_id is not None else "(anonymous)"])
+        if row < 0 and len(cols) == 0:
+            return self._cold_start(label, n)
+        history = basket_vec if row < 0 else sp.csr_matrix(self.history_[row] + basket_vec)
+        # the current basket is the most recent one: rules fire on it
+        recent = basket_vec if len(cols) else self.recent_[row]
+        rows = np.array([row]) if row >= 0 else None
+        return self._recommend_rows(label, history, recent, rows, n, exclude_purchased=True)[OUTPUT_COLUMNS]
+
+    def _recommend_rows(self, ids, history, recent, rows, n, exclude_purchased) -> pd.DataFrame:
+        scores = np.asarray(self._scores(history, recent, rows), dtype=np.float64)
+        raw_positive = scores > 0
+        # ties and empty rows fall back to popularity: a tiny, strictly smaller tie-breaker
+        pop = self._popularity_scores()
+        scores = scores + 1e-9 * pop / max(pop.max(), 1.0)
+        if exclude_purchased:
+            r, c = history.nonzero()
+            scores[r, c] = -np.inf
+        n_eff = min(n, scores.shape[1])
+        picks = np.argpartition(-scores, n_eff - 1, axis=1)[:, :n_eff]
+        picked = np.take_along_axis(scores, picks, axis=1)
+        order = np.argsort(-picked, axis=1, kind="stable")
+        picks = np.take_along_axis(picks, order, axis=1)
+        picked = np.take_along_axis(picked, order, axis=1)
+        valid = np.isfinite(picked)  # fewer unbought items than n
+        positive = np.take_along_axis(raw_positive, picks, axis=1)
+        reasons = np.asarray(self._reasons(history, recent, rows, picks, picked), dtype=object)
+        fill = ~positive
+        if fill.any():
+            reasons[fill] = [f"popular item (bought in {int(self.item_orders_[i]):,} orders)" for i in picks[fill]]
+        methods = np.where(fill, "popularity", self.method)
+        out = pd.DataFrame({
+            "customer_id": np.repeat(np.asarray(ids, dtype=object), n_eff),
+            "rank": np.tile(np.arange(1, n_eff + 1), len(ids)),
+            "product_id": self.items_.to_numpy()[picks.ravel()],
+            "score": np.where(positive, picked, 0.0).ravel(),
+            "method": methods.ravel(),
+            "reason": reasons.ravel(),
+        })
+        return out[valid.ravel()].reset_index(drop=True)
+
+    def _cold_start(self, ids, n) -> pd.DataFrame:
+        pop = self._popularity_scores()
+        n_eff = min(n, len(pop))
+        top = np.argsort(-pop, kind="stable")[:n_eff]
+        return pd.DataFrame({
+            "customer_id": np.repeat(np.asarray(ids, dtype=object), n_eff),
+            "rank": np.tile(np.arange(1, n_eff + 1), len(ids)),
+            "product_id": np.tile(self.items_.to_numpy()[top], len(ids)),
+            "score": np.tile(pop[top] / max(pop.max(), 1.0), len(ids)),
+            "method": "popularity",
+            "reason": "popular item (no history)",
+        })
+
+    def _similar_bought_reasons(self, history, picks, similarity, prefix="similar to") -> np.ndarray:
+        """'similar to <bought item>, <bought item>' — the bought items contributing most to a pick.
+
+        ``similarity(target_idx, bought_idx)`` returns element-wise similarities. Vectorised over
+        all (customer, pick, bought item) triples of the chunk.
+        """
+        h = sp.csr_matrix(history)
+        n_rows, n_picks = picks.shape
+        bought_per_row = np.diff(h.indptr)
+        pair_row = np.repeat(np.arange(n_rows), n_picks)
+        pair_item = picks.ravel()
+        reps = bought_per_row[pair_row]
+        pair_id = np.repeat(np.arange(len(pair_row)), reps)
+        offsets = np.arange(reps.sum()) - np.repeat(np.cumsum(reps) - reps, reps)
+        bought = h.indices[np.repeat(h.indptr[pair_row], reps) + offsets]
+        target = pair_item[pair_id]
+        sims = similarity(target, bought) if len(bought) else np.array([])
+        frame = pd.DataFrame({"pair": pair_id, "bought": bought, "sim": sims})
+        frame = frame[frame["sim"] > 0].sort_values(["pair", "sim"], ascending=[True, False])
+        frame = frame[frame.groupby("pair").cumcount() < 2]
+        frame["name"] = self._names(frame["bought"].to_numpy())
+        joined = frame.groupby("pair")["name"].agg(", ".join)
+        out = np.full(len(pair_row), f"recommended by {self.method}", dtype=object)
+        out[joined.index.to_numpy()] = (f"{prefix} " + joined).to_numpy()
+        return out.reshape(picks.shape)
+
+
+# --------------------------------------------------------------------------------------------------
+# the recommenders
+
+
+class PopularityRecommender(BaseRecommender):
+    """Most-bought items (number of orders containing the item), optionally in a recent window only.
+
+    ``window_days``: count only orders in the last ``window_days`` before the latest order seen
+    (seasonal catalogues: what sells now beats what sold all year).
+    """
+
+    method = "popularity"
+
+    def __init__(self, window_days: float | None = None):
+        self.window_days = window_days
+
+    def _fit_model(self):
+        lines = self._lines
+        if self.window_days is not None:
+            end = lines["ordered_at"].max()
+            lines = lines[lines["ordered_at"] > end - pd.Timedelta(days=self.window_days)]
+        counts = lines.groupby("product_id")["basket_id"].nunique()
+        self.popularity_ = counts.reindex(self.items_, fill_value=0).to_numpy(dtype=np.float64)
+
+    def _popularity_scores(self):
+        return self.popularity_
+
+    def _scores(self, history, recent, rows):
+        return np.tile(self.popularity_, (history.shape[0], 1))
+
+    def _reasons(self, history, recent, rows, picks, picked_scores):
+        when = f" in the last {self.window_days:g} days" if self.window_days is not None else ""
+        counts = self.popularity_[picks].astype(np.int64)
+        return np.array([f"popular item (bought in {c:,} orders{when})" for c in counts.ravel()],
+                        dtype=object).reshape(picks.shape)
+
+
+class RuleRecommender(BaseRecommender):
+    """Items implied by the customer's recent baskets through association rules.
+
+    Either pass ``rules`` (a DataFrame from :class:`ml.baskets.AssociationRules`, product level) or
+    let ``fit`` mine them from the interactions' baskets with ``min_support`` / ``min_confidence``.
+    A rule fires when its whole antecedent is in the customer's last ``n_recent_baskets`` baskets
+    (at request time: the current basket); an item's score is the best confidence among the rules
+    that imply it (lift breaks ties), and the reason names that rule.
+    """
+
+    method = "rules"
+
+    def __init__(self, rules: pd.DataFrame | None = None, min_support: float = 0.005, min_confidence: float = 0.1,
+                 min_lift: float = 1.0, max_len: int = 3, n_recent_baskets: int = 3):
+        self.rules = rules
+        self.min_support = min_support
+        self.min_confidence = min_confidence
+        self.min_lift = min_lift
+        self.max_len = max_len
+        self.n_recent_baskets = n_recent_baskets
+
+    def _fit_model(self):
+        rules = self.rules
+        if rules is None:
+            try:
+                itemsets = FrequentItemsets(min_support=self.min_support, max_len=self.max_len).fit(self._lines)
+                rules = AssociationRules(min_confidence=self.min_confidence, min_lift=self.min_lift).fit(itemsets).rules_
+            except BasketError:
+                rules = pd.DataFrame(columns=["antecedent", "consequent", "confidence", "lift"])
+        ante = [list(a) for a in rules["antecedent"]] if len(rules) else []
+        cons = self.items_.get_indexer(pd.Index(rules["consequent"].astype(str))) if len(rules) else np.array([], int)
+        lens = np.array([len(a) for a in ante], dtype=np.int64)
+        flat = self.items_.get_indexer(pd.Index([str(x) for a in ante for x in a])) if ante else np.array([], int)
+        rule_of = np.repeat(np.arange(len(ante)), lens)
+        usable = np.ones(len(ante), dtype=bool)
+        usable[rule_of[flat < 0]] = False  # rules about items outside the catalogue cannot fire
+        usable &= cons >= 0
+        keep_flat = usable[rule_of]
+        self.antecedents_ = sp.csr_matrix(
+            (np.ones(keep_flat.sum(), dtype=np.float32), (rule_of[keep_flat], flat[keep_flat])),
+            shape=(len(ante), len(self.items_)))
+        self.antecedent_len_ = np.where(usable, lens, 10**9)  # an unusable rule never fires
+        self.consequent_ = np.where(usable, cons, 0)
+        self.confidence_ = rules["confidence"].to_numpy(dtype=np.float64) if len(rules) else np.array([])
+        self.lift_ = rules["lift"].to_numpy(dtype=np.float64) if len(rules) else np.array([])
+        self.rules_ = rules.reset_index(drop=True)
+
+    def _fired(self, recent):
+        if self.antecedents_.shape[0] == 0:
+            return pd.DataFrame({"row": [], "rule": []}, dtype=np.int64)
+        hits = sp.coo_matrix(sp.csr_matrix(recent) @ self.antecedents_.T)
+        fired = hits.data >= self.antecedent_len_[hits.col] - 0.5
+        f = pd.DataFrame({"row": hits.row[fired], "rule": hits.col[fired]})
+        f["item"] = self.consequent_[f["rule"]]
+        # confidence first; lift (scaled to < 1e-3 of a confidence step) breaks ties
+        f["score"] = self.confidence_[f["rule"]] + 1e-6 * np.minimum(self.lift_[f["rule"]], 100.0)
+        return f.sort_values("score", ascending=False).drop_duplicates(["row", "item"])
+
+    def _scores(self, history, recent, rows):
+        scores = np.zeros((recent.shape[0], len(self.items_)))
+        f = self._fired(recent)
+        scores[f["row"].to_numpy(), f["item"].to_numpy()] = f["score"].to_numpy()
+        return scores
+
+    def _reasons(self, history, recent, rows, picks, picked_scores):
+        f = self._fired(recent).set_index(["row", "item"])["rule"]
+        n_rows, n_picks = picks.shape
+        key = pd.MultiIndex.from_arrays([np.repeat(np.arange(n_rows), n_picks), picks.ravel()])
+        rule = f.reindex(key).to_numpy()
+        out = np.full(len(rule), "recommended by rules", dtype=object)
+        has = ~pd.isna(rule)
+        if has.any():
+            r = rule[has].astype(np.int64)
+            ante = self.rules_["antecedent"].to_numpy()[r]
+            names = [" + ".join(self._names(self.items_.get_indexer(pd.Index([str(x) for x in a])))) for a in ante]
+            out[has] = [f"bought together with {nm} in {c:.0%} of baskets (lift {lf:.1f})"
+                        for nm, c, lf in zip(names, self.confidence_[r], self.lift_[r], strict=True)]
+        return out.reshape(picks.shape)
+
+
+class ItemKNNRecommender(BaseRecommender):
+    """Item-based collaborative filtering on the sparse customer x item matrix.
+
+    Item vectors are the columns of the customer x item matrix, weighted by BM25 (``weighting='bm25'``,
+    customers as terms) or L2-normalised (``'cosine'``); each item keeps its ``k`` most similar items.
+    A customer's score for item i sums the similarities of i to the items they bought, each bought
+    item weighted by ``exp(-age / half_life_days)`` when ``half_life_days`` is set (recent purchases
+    say more about the next one).
+    """
+
+    method = "item_knn"
+
+    def __init__(self, weighting: str = "bm25", k: int = 200, k1: float = 1.2, b: float = 0.75,
+                 half_life_days: float | None = None):
+        self.weighting = weighting
+        self.k = k
+        self.k1 = k1
+        self.b = b
+        self.half_life_days = half_life_days
+
+    def _fit_model(self):
+        if self.weighting not in ("bm25", "cosine"):
+            raise RecommenderError(f"weighting must be 'bm25' or 'cosine', got {self.weighting!r}")
+        item_user = sp.csr_matrix(self.history_.T)
+        w = bm25_weight(item_user, self.k1, self.b) if self.weighting == "bm25" else _l2_rows(self._binary(item_user))
+        sim = sp.csr_matrix(w @ w.T)
+        sim.setdiag(0.0)
+        self.similarity_ = top_k_per_row(sim, self.k)  # row i: the neighbours used to score item i
+        self.similarity_t_ = sp.csr_matrix(self.similarity_.T)
+        if self.half_life_days is not None:
+            self.history_ = _recency_weighted(self._lines, self.customers_, self.items_, self.half_life_days)
+
+    def _scores(self, history, recent, rows):
+        return np.asarray((sp.csr_matrix(history) @ self.similarity_t_).todense())
+
+    def _reasons(self, history, recent, rows, picks, picked_scores):
+        sim = self.similarity_
+        return self._similar_bought_reasons(history, picks, lambda t, j: np.asarray(sim[t, j]).ravel())
+
+
+def _recency_weighted(lines, customers, items, half_life_days) -> sp.csr_matrix:
+    """customer x item matrix with each (customer, item) weighted by its last purchase's recency."""
+    last = lines.groupby(["customer_id", "product_id"], sort=False)["ordered_at"].max().reset_index()
+    end = lines["ordered_at"].max()
+    age = (end - last["ordered_at"]) / pd.Timedelta(days=1)
+    weight = np.exp(-np.log(2) * age.to_numpy(dtype=np.float64) / half_life_days)
+    return sp.csr_matrix(
+        (weight.astype(np.float32), (customers.get_indexer(last["customer_id"]), items.get_indexer(last["product_id"]))),
+        shape=(len(customers), len(items)))
+
+
+class UserKNNRecommender(BaseRecommender):
+    """User-based collaborative filtering: what the ``k`` most similar customers bought.
+
+    Customers are compared on BM25- (or cosine-) weighted purchase vectors; a candidate's score is
+    the summed similarity of the neighbours who bought it.
+    """
+
+    method = "user_knn"
+
+    def __init__(self, weighting: str = "bm25", k: int = 50, k1: float = 1.2, b: float = 0.75):
+        self.weighting = weighting
+        self.k = k
+        self.k1 = k1
+        self.b = b
+
+    def _fit_model(self):
+        if self.weighting not in ("bm25", "cosine"):
+            raise RecommenderError(f"weighting must be 'bm25' or 'cosine', got {self.weighting!r}")
+        h = self.history_
+        if self.weighting == "bm25":
+            coo = sp.coo_matrix(h)
+            n = h.shape[0]
+            self.idf_ = np.log(n) - np.log1p(np.bincount(coo.col, minlength=h.shape[1]))
+            self.avg_len_ = float(np.asarray(h.sum(axis=1)).ravel().mean())
+        self.user_vectors_ = self._weigh(h)
+        self.user_vectors_t_ = sp.csr_matrix(self.user_vectors_.T)
+        self.bought_ = self._binary(h)
+
+    def _weigh(self, h) -> sp.csr_matrix:
+        h = sp.csr_matrix(h, dtype=np.float64)
+        if self.weighting == "cosine":
+            return _l2_rows(self._binary(h))
+        coo = sp.coo_matrix(h)
+        lengths = np.asarray(h.sum(axis=1)).ravel()
+        norm = (1.0 - self.b) + self.b * lengths / max(self.avg_len_, 1e-12)
+        data = coo.data * (self.k1 + 1.0) / (self.k1 * norm[coo.row] + coo.data) * np.maximum(self.idf_[coo.col], 0)
+        return _l2_rows(sp.csr_matrix((data, (coo.row, coo.col)), shape=coo.shape))
+
+    def _neighbours(self, history, rows) -> sp.csr_matrix:
+        sim = sp.coo_matrix(self._weigh(history) @ self.user_vectors_t_)
+        if rows is not None:  # a customer is not their own neighbour
+            sim.data[sim.col == np.asarray(rows)[sim.row]] = 0.0
+        return top_k_per_row(sp.csr_matrix(sim), self.k)
+
+    def _scores(self, history, recent, rows):
+        return np.asarray((self._neighbours(history, rows) @ self.bought_).todense())
+
+    def _reasons(self, history, recent, rows, picks, picked_scores):
+        nb = self._neighbours(history, rows)
+        nb.data[:] = 1.0
+        count = np.asarray((nb @ self.bought_).todense())
+        got = np.take_along_axis(count, picks, axis=1).astype(np.int64)
+        n_nb = np.diff(nb.indptr)[:, None].repeat(picks.shape[1], axis=1)
+        return np.array([f"bought by {g} of the {m} customers with the most similar purchases"
+                         for g, m in zip(got.ravel(), n_nb.ravel(), strict=True)], dtype=object).reshape(picks.shape)
+
+
+class ContentRecommender(BaseRecommender):
+    """Content-based: product attributes matched to a profile of what the customer bought.
+
+    Item features: one-hot category, subcategory, brand and price band, plus TF-IDF of the words of
+    the product name/description; each block is L2-normalised and weighted (``attribute_weight``,
+    ``text_weight``) so no block dominates by size. A customer's profile is the mean of their bought
+    items' features; scores are cosine similarities, so items nobody has bought yet (in ``products``
+    but not in the interactions) are reachable — this is what covers cold items.
+    """
+
+    method = "content"
+
+    def __init__(self, text_weight: float = 1.0, attribute_weight: float = 0.5, min_df: int = 2):
+        self.text_weight = text_weight
+        self.attribute_weight = attribute_weight
+        self.min_df = min_df
+
+    def _fit_model(self):
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        table = self.products_
+        blocks = []
+        attrs = [c for c in ("category", "subcategory", "brand", "price_band") if c in table.columns]
+        for col in attrs:
+            values = table[col].astype("str").where(table[col].notna(), None)
+            codes, uniques = pd.factorize(values)
+            present = codes >= 0
+            onehot = sp.csr_matrix((np.ones(present.sum()), (np.flatnonzero(present), codes[present])),
+                                   shape=(len(table), max(len(uniques), 1)))
+            blocks.append(self.attribute_weight * onehot)
+        text_col = next((c for c in ("description", "product_name") if c in table.columns), None)
+        if text_col is not None:
+            text = table[text_col].fillna("").astype(str).to_numpy()
+            try:
+                vec = TfidfVectorizer(min_df=min(self.min_df, len(text)), stop_words="english",
+                                      token_pattern=r"(?u)\b[a-zA-Z][a-zA-Z]+\b")
+                blocks.append(self.text_weight * vec.fit_transform(text))
+                self.vocabulary_size_ = len(vec.vocabulary_)
+            except ValueError:  # no usable words at all
+                self.vocabulary_size_ = 0
+        if not blocks:
+            raise RecommenderError(
+                "content-based recommendations need product attributes: pass products with product_name/"
+                "description, category, subcategory, brand or price_band (e.g. marts.dim_products)")
+        self.features_ = _l2_rows(sp.hstack(blocks).tocsr())
+        self.features_t_ = sp.csr_matrix(self.features_.T)
+
+    def _scores(self, history, recent, rows):
+        profile = _l2_rows(sp.csr_matrix(self._binary(sp.csr_matrix(history))) @ self.features_)
+        return np.asarray((profile @ self.features_t_).todense())
+
+    def _reasons(self, history, recent, rows, picks, picked_scores):
+        f = self.features_
+
+        def sim(t, j):
+            return np.asarray(f[t].multiply(f[j]).sum(axis=1)).ravel()
+
+        return self._similar_bought_reasons(self._binary(sp.csr_matrix(history)), picks, sim, prefix="like")
+
+
+# --------------------------------------------------------------------------------------------------
+# hybrid
+
+
+def holdout_last_order(lines: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:
+    """Split order lines for cross-sell evaluation: hide each repeat customer's last order.
+
+    Returns ``(history, targets)``: history = every line except the hidden last orders;
+    targets = per customer (index), the set of product ids in their last order they had never bought
+    before. Customers with one order, or whose last order holds nothing new, have no target.
+    Orders are ordered by ``ordered_at`` (basket id breaks ties).
+    """
+    lines = prepare_interactions(lines)
+    orders = lines[["customer_id", "basket_id", "ordered_at"]].groupby(["customer_id", "basket_id"], as_index=False)[
+        "ordered_at"].min()
+    orders = orders.sort_values(["customer_id", "ordered_at", "basket_id"])
+    orders["from_end"] = orders.groupby("customer_id").cumcount(ascending=False)
+    orders["n_orders"] = orders.groupby("customer_id")["basket_id"].transform("size")
+    hidden = orders.loc[(orders["from_end"] == 0) & (orders["n_orders"] >= 2), "basket_id"]
+    is_hidden = lines["basket_id"].isin(hidden)
+    history, last = lines[~is_hidden], lines[is_hidden]
+    seen = pd.MultiIndex.from_frame(history[["customer_id", "product_id"]])
+    new = last[~pd.MultiIndex.from_frame(last[["customer_id", "product_id"]]).isin(seen)]
+    targets = new.groupby("customer_id")["product_id"].agg(frozenset)
+    return history.reset_index(drop=True), targets
+
+
+def default_components() -> dict[str, BaseRecommender]:
+    return {
+        "popularity_recent": PopularityRecommender(window_days=30),
+        "item_knn": ItemKNNRecommender(weighting="bm25", k=200),
+        "user_knn": UserKNNRecommender(weighting="bm25", k=50),
+        "content": ContentRecommender(),
+        "rules": RuleRecommender(min_support=0.003),
+    }
+
+
+class HybridRecommender(BaseRecommender):
+    """Weighted blend of recommenders, weights learned on a temporal validation split.
+
+    ``fit``: hide each repeat customer's last order of the *training* interactions, fit the
+    components on the rest, and search the blend weights (coordinate ascent over a grid) that
+    maximise hit-rate@n on the hidden orders' new items; a second weight set is learned for
+    customers with little history (fewer than ``min_history_items`` distinct items), where
+    content-based scores cover what CF cannot. Then the components are refitted on everything.
+    Each component's scores are scaled per customer to a maximum of 1 before blending.
+    The reason of a pick is the reason of the component contributing most to its blended score.
+    """
+
+    method = "hybrid"
+
+    def __init__(self, components: dict[str, BaseRecommender] | None = None, weights: dict[str, float] | None = None,
+                 n: int = 10, min_history_items: int = 5, max_validation_customers: int = 3000,
+                 candidates_per_component: int = 100, random_state: int = 0):
+        self.components = components
+        self.weights = weights
+        self.n = n
+        self.min_history_items = min_history_items
+        self.max_validation_customers = max_validation_customers
+        self.candidates_per_component = candidates_per_component
+        self.random_state = random_state
+
+    def fit(self, interactions, products=None):
+        comps = self.components if self.components is not None else default_components()
+        self.component_names_ = list(comps)
+        if self.weights is not None:
+            self.weights_ = {k: float(self.weights.get(k, 0.0)) for k in comps}
+            self.cold_weights_ = dict(self.weights_)
+            self.validation_ = {}
+        else:
+            self._learn_weights(comps, interactions, products)
+        self.fitted_components_ = {k: clone(c).fit(interactions, products) for k, c in comps.items()}
+        super().fit(interactions, products)
+        return self
+
+    def _fit_model(self):
+        # the components carry the models; the base class only indexes customers/items for the blend
+        self.item_maps_ = {k: c.items_.get_indexer(self.items_) for k, c in self.fitted_components_.items()}
+        self.row_maps_ = {k: c.customers_ for k, c in self.fitted_components_.items()}
+
+    def _learn_weights(self, comps, interactions, products):
+        history, targets = holdout_last_order(interactions)
+        if len(targets) == 0 or history.empty:
+            self.weights_ = {k: 1.0 for k in comps}
+            self.cold_weights_ = dict(self.weights_)
+            self.validation_ = {"n_customers": 0}
+            return
+        if len(targets) > self.max_validation_customers:
+            targets = targets.sample(self.max_validation_customers, random_state=self.random_state)
+        fitted = {k: clone(c).fit(history, products) for k, c in comps.items()}
+        items = fitted[next(iter(fitted))].items_
+        ids = targets.index
+        matrices = {k: _candidate_matrix(m, ids, items, self.candidates_per_component) for k, m in fitted.items()}
+        n_items = np.asarray((fitted[next(iter(fitted))].history_ > 0).sum(axis=1)).ravel()
+        rows = fitted[next(iter(fitted))].customers_.get_indexer(ids)
+        sizes = np.where(rows >= 0, n_items[np.maximum(rows, 0)], 0)
+        truth = _truth_matrix(targets, items)
+        names = list(comps)
+        self.weights_, score = _search_weights(names, matrices, truth, self.n)
+        cold = sizes < self.min_history_items
+        if cold.sum() >= 30:
+            sub = {k: m[cold] for k, m in matrices.items()}
+            self.cold_weights_, cold_score = _search_weights(names, sub, truth[cold], self.n)
+        else:
+            self.cold_weights_, cold_score = dict(self.weights_), float("nan")
+        self.validation_ = {"n_customers": len(ids), "hit_rate": score, "n_cold": int(cold.sum()),
+                            "cold_hit_rate": cold_score,
+                            **{f"hit_rate_{k}": _hit_rate(matrices[k], truth, self.n) for k in names}}
+
+    def _blend(self, history, recent, rows, weights_for_row):
+        total = np.zeros((history.shape[0], len(self.items_)))
+        parts = {}
+        for k, comp in self.fitted_components_.items():
+            cols = self.item_maps_[k]
+            sub_rows = None
+            if rows is not None:
+                sub_rows = comp.customers_.get_indexer(self.customers_[rows])
+                sub_rows = sub_rows if (sub_rows >= 0).all() else None
+            h = _remap_columns(history, cols, len(comp.items_))
+            r = _remap_columns(recent, cols, len(comp.items_))
+            s = np.zeros_like(total)
+            ok = cols >= 0
+            s[:, ok] = np.maximum(comp._scores(h, r, sub_rows)[:, cols[ok]], 0)
+            s = _normalise_rows_max(s) * weights_for_row(k)[:, None]
+            parts[k] = s
+            total += s
+        return total, parts
+
+    def _row_weights(self, history):
+        n_items = np.diff(sp.csr_matrix(history).indptr)
+        cold = n_items < self.min_history_items
+        return lambda k: np.where(cold, self.cold_weights_.get(k, 0.0), self.weights_.get(k, 0.0))
+
+    def _scores(self, history, recent, rows):
+        total, _ = self._blend(history, recent, rows, self._row_weights(history))
+        return total
+
+    def _reasons(self, history, recent, rows, picks, picked_scores):
+        _, parts = self._blend(history, recent, rows, self._row_weights(history))
+        names = list(parts)
+        stacked = np.stack([np.take_along_axis(parts[k], picks, axis=1) for k in names])
+        best = stacked.argmax(axis=0)
+        out = np.empty(picks.shape, dtype=object)
+        for m, k in enumerate(names):
+            where = best == m
+            if not where.any():
+                continue
+            comp = self.fitted_components_[k]
+            cols = self.item_maps_[k]
+            sub_rows = None
+            if rows is not None:
+                sub_rows = comp.customers_.get_indexer(self.customers_[rows])
+                sub_rows = sub_rows if (sub_rows >= 0).all() else None
+            h = _remap_columns(history, cols, len(comp.items_))
+            r = _remap_columns(recent, cols, len(comp.items_))
+            comp_picks = np.maximum(cols[picks], 0)
+            reasons = np.asarray(comp._reasons(h, r, sub_rows, comp_picks, picked_scores), dtype=object)
+            out[where] = reasons[where]
+        return out
+
+
+def _remap_columns(m, cols, n_cols) -> sp.csr_matrix:
+    """Re-index a matrix over the hybrid's items onto a component's item index."""
+    coo = sp.coo_matrix(m)
+    target = cols[coo.col]
+    ok = target >= 0
+    return sp.csr_matrix((coo.data[ok], (coo.row[ok], target[ok])), shape=(m.shape[0], n_cols))
+
+
+def _candidate_matrix(model: BaseRecommender, ids, items, per_row: int) -> sp.csr_matrix:
+    """A component's top candidates per customer as a sparse (customers x items) matrix, max-scaled."""
+    recs = model.recommend(ids, n=per_row, exclude_purchased=True)
+    recs = recs[recs["method"] == model.method]  # popularity fill is not this component's opinion
+    score = recs["score"].to_numpy(dtype=np.float64)
+    top = recs.groupby("customer_id")["score"].transform("max").to_numpy()
+    score = np.divide(score, top, out=np.zeros_like(score), where=top > 0)
+    return sp.csr_matrix((score, (ids.get_indexer(recs["customer_id"]), items.get_indexer(recs["product_id"]))),
+                         shape=(len(ids), len(items)))
+
+
+def _truth_matrix(targets: pd.Series, items: pd.Index) -> sp.csr_matrix:
+    exploded = targets.apply(list).explode()
+    cols = items.get_indexer(exploded.astype(str))
+    rows = np.repeat(np.arange(len(targets)), targets.apply(len).to_numpy())
+    ok = cols >= 0
+    return sp.csr_matrix((np.ones(ok.sum()), (rows[ok], cols[ok])), shape=(len(targets), len(items)))
+
+
+def _hit_rate(scores: sp.csr_matrix, truth: sp.csr_matrix, n: int) -> float:
+    top = top_k_per_row(scores, n)
+    top.data[:] = 1.0
+    return float((np.asarray(top.multiply(truth).sum(axis=1)).ravel() > 0).mean())
+
+
+def _search_weights(names, matrices, truth, n, grid=(0.0, 0.1, 0.25, 0.5, 1.0, 2.0), rounds=3):
+    """Coordinate ascent on the blend weights; a small popularity-like jitter keeps ties stable."""
+    weights = {k: 1.0 for k in names}
+
+    def score(w):
+        blend = sum((matrices[k] * w[k] for k in names if w[k] > 0), sp.csr_matrix(truth.shape))
+        return _hit_rate(sp.csr_matrix(blend), truth, n)
+
+    best = score(weights)
+    for _ in range(rounds):
+        improved = False
+        for k in names:
+            for g in grid:
+                if g == weights[k]:
+                    continue
+                trial = {**weights, k: g}
+                if all(v == 0 for v in trial.values()):
+                    continue
+                s = score(trial)
+                if s > best + 1e-12:
+                    best, weights, improved = s, trial, True
+        if not improved:
+            break
+    return weights, best
