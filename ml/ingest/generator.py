@@ -582,10 +582,11 @@ class _Generation:
         order_number = self.n_orders + 1 + np.arange(n_orders + n_returns)
         self.n_orders += n_orders + n_returns
 
-        # Dirt on orders: missing customer, future timestamps (only on purchases never returned).
+        # Dirt on orders: missing customer, future timestamps. Only on purchases that were never returned, so
+        # every return still follows a purchase of the same items by the same customer.
         n_all = all_cust.size
-        has_customer = rng.random(n_all) >= p.missing_customer_rate
         never_returned = np.concatenate([return_no < 0, np.zeros(n_returns, bool)])
+        has_customer = ~never_returned | (rng.random(n_all) >= p.missing_customer_rate)
         future = never_returned & (rng.random(n_all) < p.future_order_rate)
         all_ts = np.where(future, w.end_ts + rng.integers(0, 365 * SECONDS_PER_DAY, n_all), all_ts)
         # Dirt on lines: zero or negative unit prices.
@@ -857,8 +858,10 @@ class _Generation:
             "duplicate_order_lines": ("raw.order_lines", p.duplicate_line_rate,
                                       "exact second copies of order lines (same order_id, line_no)"),
             "duplicate_orders": ("raw.orders", p.duplicate_order_rate, "exact second copies of order rows"),
-            "orders_missing_customer": ("raw.orders", p.missing_customer_rate, "orders with customer_id null"),
-            "future_orders": ("raw.orders", p.future_order_rate, "orders dated after end_date"),
+            "orders_missing_customer": ("raw.orders", p.missing_customer_rate,
+                                        "orders with customer_id null (rate among purchases never returned)"),
+            "future_orders": ("raw.orders", p.future_order_rate,
+                              "orders dated after end_date (rate among purchases never returned)"),
             "bad_unit_price_lines": ("raw.order_lines", p.bad_price_rate, "unit_price zero or negative"),
             "bad_emails": ("raw.customers", p.bad_email_rate, "email without '@'"),
             "gender_variant_spellings": ("raw.customers", p.gender_variant_rate,
