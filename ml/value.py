@@ -1,0 +1,736 @@
+"""Customer value: CLV regression (spend over the next horizon) and churn / no-purchase propensity.
+
+Pure maths over the contract frames (``marts.clv_training_set`` / ``marts.clv_scoring_set``): no database, no
+MLflow. The caller (``train_value``) reads the marts, logs every candidate of :class:`ValueResult` as a child
+run and publishes :func:`score_customers`.
+
+Design choices, and why:
+
+* **Temporal validation only.** Candidates are fitted on older snapshots and scored on a newer one
+  (:func:`temporal_split`); a random split would leak the future of a customer into its own past.
+* **Horizon-normalised targets.** Generic regressors learn spend *per day* of the horizon and multiply by the
+  row's ``horizon_days`` at prediction (:class:`PerDayRegressor`). With the contract's constant horizon this
+  changes nothing; when the training windows are shorter than the scoring window (CDNOW: labels inside the
+  calibration period cover at most a few months, the holdout 273 days) it is what makes the scores usable.
+* **BG/NBD as a feature and as an offset.** :func:`add_btyd_features` fits BG/NBD + Gamma-Gamma per cutoff
+  (only data up to that cutoff) and adds the expected purchases / spend over the row's own horizon. The BTYD
+  model knows how purchasing decays with the horizon; :class:`BtydBoostedRegressor` then learns a
+  multiplicative correction to it with a Poisson gradient-boosting model (Poisson deviance on ``y / base``
+  with weights ``base`` is exactly a Poisson model with offset ``log(base)``).
+* **Zero-inflated spend.** Most customers spend nothing in a horizon; the tree candidates use Poisson loss,
+  which models the mean of such a target without a log-transform bias. Negative net spend (returns larger
+  than purchases) is clipped to 0 for the Poisson losses only.
+* **Identical metric names** across every candidate and baseline (:func:`value_metrics`,
+  :func:`churn_metrics`) so MLflow's compare view lines them up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.stats import spearmanr
+from sklearn.base import BaseEstimator, RegressorMixin, clone
+from sklearn.calibration import calibration_curve
+from sklearn.ensemble import (
+    HistGradientBoostingClassifier,
+    HistGradientBoostingRegressor,
+    RandomForestRegressor,
+)
+from sklearn.impute import SimpleImputer
+from sklearn.inspection import permutation_importance
+from sklearn.linear_model import LinearRegression, LogisticRegression, TweedieRegressor
+from sklearn.metrics import (
+    average_precision_score,
+    brier_score_loss,
+    log_loss,
+    mean_absolute_error,
+    mean_squared_error,
+    r2_score,
+    roc_auc_score,
+)
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import FunctionTransformer, StandardScaler
+
+from ml.btyd import BetaGeoFitter, BtydInputError, GammaGammaFitter
+from ml.errors import CrmError
+
+NON_FEATURE_COLUMNS = frozenset(
+    {
+        "customer_id",
+        "snapshot",
+        "feature_cutoff_date",
+        "as_of_date",
+        "future_spend",
+        "has_future_purchase",
+        # text columns of customer_features: not used by the value models
+        "gender",
+        "country",
+        "acquisition_channel",
+    }
+)
+BTYD_COLUMNS = ("btyd_expected_purchases", "btyd_expected_avg_value", "btyd_expected_spend", "btyd_p_alive")
+REGRESSION_METRICS = ("rmse", "mae", "r2", "spearman", "top_decile_capture", "total_spend_error")
+CHURN_METRICS = ("roc_auc", "pr_auc", "brier", "log_loss", "churn_rate")
+# BG/NBD needs a cross-section to fit; below this many customers a cutoff reuses the last fitted parameters.
+MIN_BTYD_CUSTOMERS = 200
+
+
+class ValueInputError(CrmError):
+    """The CLV / churn input cannot be modelled as given (empty, missing columns, one snapshot, bad labels)."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Input checks and feature columns
+# ---------------------------------------------------------------------------------------------------------
+def numeric_feature_columns(frame: pd.DataFrame) -> list[str]:
+    """The model inputs: every numeric column that is not an id, a date or a label (``horizon_days`` included)."""
+    cols = [
+        c
+        for c in frame.columns
+        if c not in NON_FEATURE_COLUMNS and (pd.api.types.is_numeric_dtype(frame[c]) or pd.api.types.is_bool_dtype(frame[c]))
+    ]
+    return cols
+
+
+def _check_frame(frame: pd.DataFrame, *, name: str, labels: bool) -> None:
+    if frame is None or len(frame) == 0:
+        raise ValueInputError(
+            f"{name} is empty: no customer has an order on or before the feature cutoff. "
+            "Load orders and run dbt (or pick a later as_of) before training."
+        )
+    need = ["customer_id", "horizon_days", "recency_days", "tenure_days", "n_orders", "net_spend"]
+    if labels:
+        need += ["future_spend"]
+    missing = [c for c in need if c not in frame.columns]
+    if missing:
+        raise ValueInputError(f"{name} lacks the contract columns {missing}; is it marts.clv_training_set / clv_scoring_set?")
+    if labels and frame["future_spend"].isna().any():
+        n = int(frame["future_spend"].isna().sum())
+        raise ValueInputError(f"{name} has {n} rows with a NULL future_spend label; the mart must label every row.")
+    if frame["horizon_days"].isna().any() or (frame["horizon_days"] <= 0).any():
+        raise ValueInputError(f"{name}: horizon_days must be a positive number on every row.")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# BG/NBD + Gamma-Gamma features
+# ---------------------------------------------------------------------------------------------------------
+def rfm_from_features(frame: pd.DataFrame) -> pd.DataFrame:
+    """BTYD summary (frequency, recency, T, monetary_value) derived from contract feature columns.
+
+    frequency = n_orders − 1 (repeat orders), T = tenure_days (first order → cutoff), recency = T − recency_days
+    (first → last order). The contract has no repeat-only spend, so the Gamma-Gamma monetary value is the
+    average order value (``repeat_spend`` is used instead when a frame carries it).
+    """
+    n = frame["n_orders"].to_numpy(float)
+    t_cal = frame["tenure_days"].to_numpy(float)
+    recency = np.clip(t_cal - frame["recency_days"].to_numpy(float), 0, None)
+    x = np.clip(n - 1, 0, None)
+    if "repeat_spend" in frame.columns:
+        m = np.where(x > 0, frame["repeat_spend"].to_numpy(float) / np.maximum(x, 1), 0.0)
+    else:
+        m = np.where(x > 0, frame["avg_order_value"].to_numpy(float), 0.0)
+    m = np.nan_to_num(m, nan=0.0)
+    return pd.DataFrame({"frequency": x, "recency": np.minimum(recency, t_cal), "T": t_cal, "monetary_value": m}, index=frame.index)
+
+
+@dataclass
+class BtydParams:
+    bgnbd: dict
+    gamma_gamma: dict
+
+
+def _btyd_predict(rfm: pd.DataFrame, horizon: np.ndarray, params: BtydParams) -> pd.DataFrame:
+    bg = BetaGeoFitter()
+    bg.params_ = params.bgnbd
+    gg = GammaGammaFitter()
+    gg.params_ = params.gamma_gamma
+    n = bg.conditional_expected_number_of_purchases_up_to_time(horizon, rfm["frequency"], rfm["recency"], rfm["T"])
+    # Gamma-Gamma needs positive spend; refunds-only customers get the population mean.
+    v = gg.conditional_expected_average_profit(rfm["frequency"], np.clip(rfm["monetary_value"], 0, None))
+    return pd.DataFrame(
+        {
+            "btyd_expected_purchases": n,
+            "btyd_expected_avg_value": v,
+            "btyd_expected_spend": n * v,
+            "btyd_p_alive": bg.conditional_probability_alive(rfm["frequency"], rfm["recency"], rfm["T"]),
+        },
+        index=rfm.index,
+    )
+
+
+def fit_btyd(frame: pd.DataFrame) -> BtydParams:
+    """Fit BG/NBD + Gamma-Gamma on one cross-section of customers (one cutoff)."""
+    rfm = rfm_from_features(frame)
+    bg = BetaGeoFitter().fit(rfm["frequency"], rfm["recency"], rfm["T"])
+    gg = GammaGammaFitter().fit(rfm["frequency"], rfm["monetary_value"])
+    return BtydParams(bg.params_, gg.params_)
+
+
+def add_btyd_features(
+    frame: pd.DataFrame, *, cutoff_col: str | None = None, fallback: BtydParams | None = None
+) -> tuple[pd.DataFrame, BtydParams | None]:
+    """Add the :data:`BTYD_COLUMNS` for each row's own horizon, fitting BG/NBD + Gamma-Gamma per cutoff.
+
+    ``cutoff_col`` defaults to ``snapshot`` (else ``feature_cutoff_date``). Each cutoff's model sees only the features at that cutoff, so no future leaks in. A cutoff with too few
+    customers (or no repeat buyers) to fit uses ``fallback`` (the parameters of the previous fit); with no
+    fallback the BTYD columns are left out — the callers' models then work without them.
+    Returns the enriched frame and the parameters of the latest cutoff (for scoring single customers later).
+    """
+    if cutoff_col is None:  # one fit per snapshot (a cross-section at one cutoff), else per cutoff date
+        cutoff_col = next((c for c in ("snapshot", "feature_cutoff_date") if c in frame.columns), None)
+    # Newest cutoff last, so the returned parameters are the most recent ones.
+    groups = frame.groupby(cutoff_col, sort=True) if cutoff_col is not None else [(None, frame)]
+    if cutoff_col == "snapshot":
+        groups = reversed(list(groups))
+    parts, last = [], fallback
+    for _, part in groups:
+        params = None
+        if len(part) >= MIN_BTYD_CUSTOMERS:
+            try:
+                params = fit_btyd(part)
+            except BtydInputError:
+                params = None
+        params = params or last
+        if params is None:
+            return frame, None
+        last = params
+        parts.append(_btyd_predict(rfm_from_features(part), part["horizon_days"].to_numpy(float), params))
+    extra = pd.concat(parts).reindex(frame.index)
+    out = frame.drop(columns=[c for c in BTYD_COLUMNS if c in frame.columns]).join(extra)
+    return out, last
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------------------
+def top_decile_capture(y_true, y_pred, share: float = 0.1) -> float:
+    """Share of the actual total spend captured by the ``share`` of customers with the highest prediction.
+
+    Ties in the prediction are broken by input order (a stable sort), which is what the published CDNOW
+    figures use.
+    """
+    y_true = np.asarray(y_true, float)
+    y_pred = np.asarray(y_pred, float)
+    total = y_true.sum()
+    if total <= 0:
+        return float("nan")
+    n_top = int(np.ceil(share * len(y_true)))
+    top = np.argsort(-y_pred, kind="stable")[:n_top]
+    return float(y_true[top].sum() / total)
+
+
+def value_metrics(y_true, y_pred) -> dict[str, float]:
+    """RMSE, MAE, R², Spearman, top-decile capture and relative total-spend error (pred total / actual − 1).
+
+    Spearman of a constant prediction is undefined; it is reported as 0.0 (no ranking information).
+    """
+    y_true = np.asarray(y_true, float)
+    y_pred = np.asarray(y_pred, float)
+    rho = spearmanr(y_pred, y_true).statistic if np.ptp(y_pred) > 0 and np.ptp(y_true) > 0 else 0.0
+    total = y_true.sum()
+    return {
+        "rmse": float(np.sqrt(mean_squared_error(y_true, y_pred))),
+        "mae": float(mean_absolute_error(y_true, y_pred)),
+        "r2": float(r2_score(y_true, y_pred)) if len(y_true) > 1 else float("nan"),
+        "spearman": float(rho),
+        "top_decile_capture": top_decile_capture(y_true, y_pred),
+        "total_spend_error": float(y_pred.sum() / total - 1) if total != 0 else float("nan"),
+    }
+
+
+def churn_metrics(is_churn, p_churn) -> dict[str, float]:
+    """ROC-AUC, PR-AUC (average precision), Brier score, log loss and the base churn rate."""
+    y = np.asarray(is_churn, bool)
+    p = np.clip(np.asarray(p_churn, float), 1e-9, 1 - 1e-9)
+    both = 0 < y.sum() < len(y)
+    return {
+        "roc_auc": float(roc_auc_score(y, p)) if both else float("nan"),
+        "pr_auc": float(average_precision_score(y, p)) if both else float("nan"),
+        "brier": float(brier_score_loss(y, p)),
+        "log_loss": float(log_loss(y, p, labels=[False, True])),
+        "churn_rate": float(y.mean()),
+    }
+
+
+def calibration_table(is_churn, p_churn, n_bins: int = 10) -> pd.DataFrame:
+    """Calibration curve data: mean predicted vs observed churn rate per quantile bin."""
+    prob_true, prob_pred = calibration_curve(np.asarray(is_churn, bool), np.asarray(p_churn, float), n_bins=n_bins, strategy="quantile")
+    return pd.DataFrame({"mean_predicted": prob_pred, "observed_rate": prob_true})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Baselines
+# ---------------------------------------------------------------------------------------------------------
+def rate_extrapolation(repeat_spend, tenure_days, horizon_days) -> np.ndarray:
+    """Past repeat spend per day since the first purchase × the horizon (the classic naive CLV baseline).
+
+    The first purchase is excluded because every customer in the cohort has one by construction: it says
+    nothing about the buying rate. ``tenure_days`` below 1 counts as 1.
+    """
+    return np.asarray(repeat_spend, float) / np.maximum(np.asarray(tenure_days, float), 1.0) * np.asarray(horizon_days, float)
+
+
+def baseline_predictions(frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    """All-zero, rate extrapolation and (when the frame carries them) BG/NBD + Gamma-Gamma predictions.
+
+    Without a ``repeat_spend`` column the repeat spend is approximated from contract columns as
+    net_spend × (n_orders − 1) / n_orders (the first order valued at the average order).
+    """
+    n = frame["n_orders"].to_numpy(float)
+    if "repeat_spend" in frame.columns:
+        repeat = frame["repeat_spend"].to_numpy(float)
+    else:
+        repeat = frame["net_spend"].to_numpy(float) * np.clip(n - 1, 0, None) / np.maximum(n, 1)
+    out = {
+        "all_zero": np.zeros(len(frame)),
+        "rate_extrapolation": rate_extrapolation(repeat, frame["tenure_days"], frame["horizon_days"]),
+    }
+    if "btyd_expected_spend" in frame.columns:
+        out["bgnbd_gamma_gamma"] = frame["btyd_expected_spend"].to_numpy(float)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Estimators
+# ---------------------------------------------------------------------------------------------------------
+def _signed_log1p(x):
+    return np.sign(x) * np.log1p(np.abs(x))
+
+
+def _linear_preprocess() -> Pipeline:
+    """Skewed spend/count features → signed log1p; NULLs (e.g. avg_days_between_orders) → median + indicator."""
+    return make_pipeline(
+        SimpleImputer(strategy="median", add_indicator=True, keep_empty_features=True),
+        FunctionTransformer(_signed_log1p, feature_names_out="one-to-one"),
+        StandardScaler(),
+    )
+
+
+class PerDayRegressor(RegressorMixin, BaseEstimator):
+    """Wraps a regressor to learn spend per day of the horizon; predicts rate × the row's ``horizon_days``."""
+
+    def __init__(self, estimator, clip_negative: bool = False):
+        self.estimator = estimator
+        self.clip_negative = clip_negative
+
+    def fit(self, X: pd.DataFrame, y, sample_weight=None):
+        h = X["horizon_days"].to_numpy(float)
+        target = np.asarray(y, float) / h
+        if self.clip_negative:
+            target = np.clip(target, 0, None)
+        self.feature_names_in_ = np.asarray(X.columns, dtype=object)
+        self.estimator_ = clone(self.estimator)
+        if sample_weight is None:
+            self.estimator_.fit(X, target)
+        else:
+            self.estimator_.fit(X, target, **{_weight_param(self.estimator_): sample_weight})
+        return self
+
+    def predict(self, X: pd.DataFrame):
+        return self.estimator_.predict(X) * X["horizon_days"].to_numpy(float)
+
+
+def _weight_param(est) -> str:
+    if isinstance(est, Pipeline):
+        return f"{est.steps[-1][0]}__sample_weight"
+    return "sample_weight"
+
+
+class BtydBoostedRegressor(RegressorMixin, BaseEstimator):
+    """BG/NBD + Gamma-Gamma expected spend × a learned correction factor (Poisson gradient boosting).
+
+    Fits ``HistGradientBoostingRegressor(loss="poisson")`` on ``y / base`` with weights ``base`` where
+    ``base = btyd_expected_spend`` — the Poisson likelihood with ``log(base)`` as offset. The correction is
+    a function of the customer's features (not of the horizon), so the BTYD model carries the horizon and the
+    trees the customer detail it misses (basket size, order value, recency beyond what BG/NBD uses).
+    """
+
+    def __init__(self, learning_rate: float = 0.05, max_iter: int = 200, max_leaf_nodes: int = 15,
+                 min_samples_leaf: int = 100, l2_regularization: float = 0.0, random_state: int = 0):
+        self.learning_rate = learning_rate
+        self.max_iter = max_iter
+        self.max_leaf_nodes = max_leaf_nodes
+        self.min_samples_leaf = min_samples_leaf
+        self.l2_regularization = l2_regularization
+        self.random_state = random_state
+
+    def _inputs(self, X: pd.DataFrame) -> pd.DataFrame:
+        # The horizon and the BTYD outputs that scale with it are excluded: the correction must not depend on
+        # the window length, or it could not transfer from the short training windows to the scoring window.
+        drop = ["horizon_days", "btyd_expected_spend", "btyd_expected_purchases"]
+        return X.drop(columns=[c for c in drop if c in X.columns])
+
+    def fit(self, X: pd.DataFrame, y, sample_weight=None):
+        if "btyd_expected_spend" not in X.columns:
+            raise ValueInputError("BtydBoostedRegressor needs the btyd_expected_spend column (add_btyd_features).")
+        base = np.maximum(X["btyd_expected_spend"].to_numpy(float), 1e-6)
+        y = np.clip(np.asarray(y, float), 0, None)
+        self.feature_names_in_ = np.asarray(X.columns, dtype=object)
+        self.estimator_ = HistGradientBoostingRegressor(
+            loss="poisson", learning_rate=self.learning_rate, max_iter=self.max_iter,
+            max_leaf_nodes=self.max_leaf_nodes, min_samples_leaf=self.min_samples_leaf,
+            l2_regularization=self.l2_regularization, random_state=self.random_state,
+        )
+        w = base if sample_weight is None else base * np.asarray(sample_weight, float)
+        self.estimator_.fit(self._inputs(X), y / base, sample_weight=w)
+        return self
+
+    def predict(self, X: pd.DataFrame):
+        base = np.maximum(X["btyd_expected_spend"].to_numpy(float), 1e-6)
+        return base * self.estimator_.predict(self._inputs(X))
+
+
+def regression_candidates(random_state: int = 0, *, with_btyd: bool = True) -> dict[str, BaseEstimator]:
+    """From a linear baseline to gradient boosting; all predict spend over the row's horizon."""
+    cands: dict[str, BaseEstimator] = {
+        "linear_regression": PerDayRegressor(make_pipeline(_linear_preprocess(), LinearRegression())),
+        "tweedie_glm": PerDayRegressor(
+            make_pipeline(_linear_preprocess(), TweedieRegressor(power=1.5, alpha=1e-3, link="log", max_iter=1000)),
+            clip_negative=True,
+        ),
+        "random_forest": PerDayRegressor(
+            make_pipeline(
+                SimpleImputer(strategy="median", keep_empty_features=True),
+                RandomForestRegressor(n_estimators=100, min_samples_leaf=20, max_features=0.5, n_jobs=1,
+                                      random_state=random_state),
+            )
+        ),
+        "hist_gbm_poisson": PerDayRegressor(
+            HistGradientBoostingRegressor(loss="poisson", learning_rate=0.05, max_iter=300, max_leaf_nodes=15,
+                                          min_samples_leaf=50, random_state=random_state),
+            clip_negative=True,
+        ),
+    }
+    if with_btyd:
+        cands["btyd_boosted_poisson"] = BtydBoostedRegressor(random_state=random_state)
+    return cands
+
+
+def churn_candidates(random_state: int = 0) -> dict[str, BaseEstimator]:
+    """Churn = no purchase within the horizon."""
+    return {
+        "logistic_regression": make_pipeline(_linear_preprocess(), LogisticRegression(max_iter=2000, C=1.0)),
+        "hist_gbm_classifier": HistGradientBoostingClassifier(
+            learning_rate=0.05, max_iter=300, max_leaf_nodes=15, min_samples_leaf=50, random_state=random_state
+        ),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Temporal validation and training
+# ---------------------------------------------------------------------------------------------------------
+def temporal_split(training_set: pd.DataFrame, valid_snapshot: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Train on the snapshots older than ``valid_snapshot``; validate on ``valid_snapshot``.
+
+    Older snapshots have larger numbers (snapshot 1 = latest fully labelled window). Training rows whose label
+    window reaches past the validation cutoff are dropped, so the validation period is never seen.
+    """
+    _check_frame(training_set, name="clv_training_set", labels=True)
+    if "snapshot" not in training_set.columns:
+        raise ValueInputError("clv_training_set has no snapshot column; temporal validation needs it.")
+    valid = training_set[training_set["snapshot"] == valid_snapshot]
+    older = training_set[training_set["snapshot"] > valid_snapshot]
+    if len(valid) == 0 or len(older) == 0:
+        snaps = sorted(training_set["snapshot"].unique().tolist())
+        raise ValueInputError(
+            f"Temporal validation needs snapshot {valid_snapshot} and an older one; the training set has snapshots "
+            f"{snaps}. Rebuild the marts with dbt var training_snapshots >= {valid_snapshot + 1}."
+        )
+    if "feature_cutoff_date" in training_set.columns:
+        valid_cutoff = pd.Timestamp(valid["feature_cutoff_date"].min())
+        label_end = pd.to_datetime(older["feature_cutoff_date"]) + pd.to_timedelta(older["horizon_days"], unit="D")
+        older = older[label_end <= valid_cutoff]
+        if len(older) == 0:
+            raise ValueInputError(
+                "Every older snapshot's label window overlaps the validation cutoff; use snapshots spaced by at "
+                "least horizon_days."
+            )
+    return older, valid
+
+
+@dataclass
+class ValueModel:
+    """A fitted CLV or churn model that scores contract frames (features at a cutoff + ``horizon_days``).
+
+    Adds the BG/NBD features itself: refitted on the scoring frame when it is a large enough cross-section,
+    otherwise with the parameters learnt at training time (so one customer can be scored alone).
+    """
+
+    name: str
+    estimator: BaseEstimator
+    feature_columns: list[str]
+    kind: str  # "regression" | "churn"
+    btyd_params: BtydParams | None = None
+
+    def prepare(self, frame: pd.DataFrame) -> pd.DataFrame:
+        if any(c in self.feature_columns for c in BTYD_COLUMNS):
+            frame, _ = add_btyd_features(frame, fallback=self.btyd_params)
+        missing = [c for c in self.feature_columns if c not in frame.columns]
+        if missing:
+            raise ValueInputError(f"Cannot score with model {self.name}: the frame lacks columns {missing}.")
+        return frame[self.feature_columns].astype(float)
+
+    def predict(self, frame: pd.DataFrame) -> np.ndarray:
+        _check_frame(frame, name="scoring frame", labels=False)
+        X = self.prepare(frame)
+        if self.kind == "churn":
+            return self.estimator.predict_proba(X)[:, 1]
+        return self.estimator.predict(X)
+
+
+@dataclass
+class ValueResult:
+    """Everything the caller logs: one metrics row per candidate/baseline, the champion and its refit model."""
+
+    metrics: pd.DataFrame  # index candidate; columns REGRESSION_METRICS/CHURN_METRICS + kind + fit_seconds
+    champion: str
+    model: ValueModel
+    validation: pd.DataFrame  # customer_id, actual, one prediction column per candidate
+    feature_importances: pd.DataFrame  # feature, importance (champion, on validation)
+    params: dict = field(default_factory=dict)
+    kind: str = "regression"
+
+
+def _prepare_training(training_set: pd.DataFrame, use_btyd: bool):
+    btyd_params = None
+    if use_btyd:
+        training_set, btyd_params = add_btyd_features(training_set)
+    return training_set, btyd_params
+
+
+def fit_value(
+    training_set: pd.DataFrame,
+    *,
+    valid_snapshot: int = 1,
+    candidates: Mapping[str, BaseEstimator] | None = None,
+    selection_metric: str = "rmse",
+    use_btyd: bool = True,
+    refit: bool = True,
+    random_state: int = 0,
+) -> ValueResult:
+    """Fit every CLV candidate on older snapshots, score all (and the baselines) on ``valid_snapshot``, pick the
+    champion by ``selection_metric`` (lower is better for rmse/mae, higher for the others) among the models,
+    and refit it on every snapshot (``refit``).
+    """
+    import time
+
+    _check_frame(training_set, name="clv_training_set", labels=True)
+    data, btyd_params = _prepare_training(training_set, use_btyd)
+    has_btyd = "btyd_expected_spend" in data.columns
+    cands = dict(candidates) if candidates is not None else regression_candidates(random_state, with_btyd=has_btyd)
+    if not has_btyd:
+        cands = {k: v for k, v in cands.items() if not isinstance(v, BtydBoostedRegressor)}
+    train, valid = temporal_split(data, valid_snapshot)
+    features = numeric_feature_columns(data)
+    y_valid = valid["future_spend"].to_numpy(float)
+
+    rows, preds, fitted = {}, {}, {}
+    for name, pred in baseline_predictions(valid).items():
+        rows[name] = {**value_metrics(y_valid, pred), "kind": "baseline", "fit_seconds": 0.0}
+        preds[name] = pred
+    for name, est in cands.items():
+        t0 = time.perf_counter()
+        model = clone(est).fit(train[features].astype(float), train["future_spend"].to_numpy(float))
+        seconds = time.perf_counter() - t0
+        pred = model.predict(valid[features].astype(float))
+        rows[name] = {**value_metrics(y_valid, pred), "kind": "model", "fit_seconds": seconds}
+        preds[name] = pred
+        fitted[name] = model
+    metrics = pd.DataFrame.from_dict(rows, orient="index")
+    metrics.index.name = "candidate"
+    champion = _select(metrics[metrics["kind"] == "model"], selection_metric)
+    validation = pd.DataFrame({"customer_id": valid["customer_id"].to_numpy(), "actual": y_valid, **preds})
+    importances = _importances(fitted[champion], valid[features].astype(float), y_valid, random_state)
+    final = clone(cands[champion]).fit(data[features].astype(float), data["future_spend"].to_numpy(float)) if refit else fitted[champion]
+    return ValueResult(
+        metrics=metrics,
+        champion=champion,
+        model=ValueModel(champion, final, features, "regression", btyd_params),
+        validation=validation,
+        feature_importances=importances,
+        params={"valid_snapshot": valid_snapshot, "selection_metric": selection_metric, "use_btyd": has_btyd,
+                "n_train": len(train), "n_valid": len(valid), "n_features": len(features)},
+    )
+
+
+def fit_churn(
+    training_set: pd.DataFrame,
+    *,
+    valid_snapshot: int = 1,
+    candidates: Mapping[str, BaseEstimator] | None = None,
+    selection_metric: str = "log_loss",
+    use_btyd: bool = True,
+    refit: bool = True,
+    random_state: int = 0,
+) -> ValueResult:
+    """Churn (no purchase within the horizon) propensity: candidates and a base-rate baseline, temporal split.
+
+    The champion is chosen by log loss (a proper score: rewards calibration as well as ranking).
+    """
+    import time
+
+    _check_frame(training_set, name="clv_training_set", labels=True)
+    data, btyd_params = _prepare_training(training_set, use_btyd)
+    train, valid = temporal_split(data, valid_snapshot)
+    churn_train = _churn_label(train)
+    if churn_train.all() or not churn_train.any():
+        raise ValueInputError(
+            "Churn needs both buyers and non-buyers in the training snapshots; every customer is "
+            f"{'a non-buyer' if churn_train.all() else 'a buyer'}. Use a longer horizon or more data."
+        )
+    features = numeric_feature_columns(data)
+    cands = dict(candidates) if candidates is not None else churn_candidates(random_state)
+    y_valid = _churn_label(valid)
+    rows, preds, fitted = {}, {}, {}
+    base = np.full(len(valid), churn_train.mean())
+    rows["base_rate"] = {**churn_metrics(y_valid, base), "kind": "baseline", "fit_seconds": 0.0}
+    preds["base_rate"] = base
+    for name, est in cands.items():
+        t0 = time.perf_counter()
+        model = clone(est).fit(train[features].astype(float), churn_train)
+        seconds = time.perf_counter() - t0
+        p = model.predict_proba(valid[features].astype(float))[:, 1]
+        rows[name] = {**churn_metrics(y_valid, p), "kind": "model", "fit_seconds": seconds}
+        preds[name] = p
+        fitted[name] = model
+    metrics = pd.DataFrame.from_dict(rows, orient="index")
+    metrics.index.name = "candidate"
+    champion = _select(metrics[metrics["kind"] == "model"], selection_metric)
+    validation = pd.DataFrame({"customer_id": valid["customer_id"].to_numpy(), "actual": y_valid, **preds})
+    importances = _importances(fitted[champion], valid[features].astype(float), y_valid, random_state, churn=True)
+    final = clone(cands[champion]).fit(data[features].astype(float), _churn_label(data)) if refit else fitted[champion]
+    return ValueResult(
+        metrics=metrics,
+        champion=champion,
+        model=ValueModel(champion, final, features, "churn", btyd_params),
+        validation=validation,
+        feature_importances=importances,
+        params={"valid_snapshot": valid_snapshot, "selection_metric": selection_metric,
+                "n_train": len(train), "n_valid": len(valid), "n_features": len(features)},
+        kind="churn",
+    )
+
+
+def _churn_label(frame: pd.DataFrame) -> np.ndarray:
+    if "has_future_purchase" in frame.columns:
+        return ~frame["has_future_purchase"].astype(bool).to_numpy()
+    return frame["future_spend"].to_numpy(float) <= 0
+
+
+def _select(metrics: pd.DataFrame, metric: str) -> str:
+    lower_is_better = metric in {"rmse", "mae", "brier", "log_loss"} or metric == "abs_total_spend_error"
+    col = metrics[metric].abs() if metric == "total_spend_error" else metrics[metric]
+    col = col.fillna(np.inf if lower_is_better else -np.inf)
+    return str(col.idxmin() if lower_is_better or metric == "total_spend_error" else col.idxmax())
+
+
+def _importances(model, X: pd.DataFrame, y, random_state: int, churn: bool = False) -> pd.DataFrame:
+    """Permutation importance on (a sample of) the validation rows: model-agnostic, same scale for all."""
+    n = min(len(X), 5000)
+    idx = np.random.default_rng(random_state).choice(len(X), n, replace=False)
+    scoring = "neg_log_loss" if churn else "neg_root_mean_squared_error"
+    res = permutation_importance(model, X.iloc[idx], np.asarray(y)[idx], scoring=scoring, n_repeats=3,
+                                 random_state=random_state, n_jobs=1)
+    return (
+        pd.DataFrame({"feature": X.columns, "importance": res.importances_mean, "std": res.importances_std})
+        .sort_values("importance", ascending=False, ignore_index=True)
+    )
+
+
+def score_customers(scoring_set: pd.DataFrame, value_model: ValueModel, churn_model: ValueModel | None = None) -> pd.DataFrame:
+    """Per customer: predicted spend over the horizon, churn probability and value decile (10 = most valuable)."""
+    _check_frame(scoring_set, name="clv_scoring_set", labels=False)
+    spend = np.clip(value_model.predict(scoring_set), 0, None)
+    out = pd.DataFrame(
+        {
+            "customer_id": scoring_set["customer_id"].to_numpy(),
+            "horizon_days": scoring_set["horizon_days"].to_numpy(),
+            "predicted_spend": spend,
+        }
+    )
+    out["churn_probability"] = churn_model.predict(scoring_set) if churn_model is not None else np.nan
+    # Ranks first so ties (many identical low predictions) do not break qcut's unique-edges requirement.
+    ranks = pd.Series(spend).rank(method="first")
+    out["value_decile"] = (np.ceil(ranks / len(out) * 10)).astype(int).clip(1, 10).to_numpy()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plots (PNG files; matplotlib's Agg backend, no display needed)
+# ---------------------------------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_clv_deciles(y_true, y_pred, path: str | Path, title: str = "CLV by predicted decile") -> Path:
+    """Mean predicted vs mean actual spend per decile of the prediction."""
+    plt = _plt()
+    y_true = np.asarray(y_true, float)
+    y_pred = np.asarray(y_pred, float)
+    decile = np.ceil(pd.Series(y_pred).rank(method="first").to_numpy() / len(y_pred) * 10).clip(1, 10)
+    table = pd.DataFrame({"decile": decile, "actual": y_true, "predicted": y_pred}).groupby("decile").mean()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = np.arange(len(table))
+    ax.bar(x - 0.2, table["predicted"], 0.4, label="predicted")
+    ax.bar(x + 0.2, table["actual"], 0.4, label="actual")
+    ax.set_xticks(x, [str(int(d)) for d in table.index])
+    ax.set_xlabel("decile of predicted spend (10 = highest)")
+    ax.set_ylabel("mean spend")
+    ax.set_title(title)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_pred_vs_actual(y_true, y_pred, path: str | Path, title: str = "Predicted vs actual spend") -> Path:
+    plt = _plt()
+    y_true = np.asarray(y_true, float)
+    y_pred = np.asarray(y_pred, float)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(np.log1p(np.clip(y_pred, 0, None)), np.log1p(np.clip(y_true, 0, None)), s=3, alpha=0.3)
+    hi = float(np.log1p(max(np.clip(y_true, 0, None).max(initial=0), np.clip(y_pred, 0, None).max(initial=0), 1)))
+    ax.plot([0, hi], [0, hi], color="grey", lw=1)
+    ax.set_xlabel("log1p(predicted)")
+    ax.set_ylabel("log1p(actual)")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_feature_importances(importances: pd.DataFrame, path: str | Path, top: int = 20) -> Path:
+    plt = _plt()
+    imp = importances.head(top).iloc[::-1]
+    fig, ax = plt.subplots(figsize=(6, max(2.5, 0.3 * len(imp))))
+    ax.barh(imp["feature"], imp["importance"], xerr=imp.get("std"))
+    ax.set_xlabel("permutation importance")
+    ax.set_title("Feature importances")
+    return _save(fig, path)
+
+
+def plot_calibration(table: pd.DataFrame, path: str | Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--")
+    ax.plot(table["mean_predicted"], table["observed_rate"], marker="o")
+    ax.set_xlabel("mean predicted churn probability")
+    ax.set_ylabel("observed churn rate")
+    ax.set_title("Calibration")
+    return _save(fig, path)
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
