@@ -1,0 +1,31 @@
+{#- The numeric feature columns shared by customer_features, clv_training_set and clv_scoring_set, with
+    their types: one list, so training and scoring can never disagree on names or order. -#}
+{% macro feature_columns() -%}
+{%- set columns = [
+    ('recency_days', 'integer'),
+    ('tenure_days', 'integer'),
+    ('n_orders', 'integer'),
+    ('net_spend', 'numeric'),
+    ('gross_spend', 'numeric'),
+    ('avg_order_value', 'numeric'),
+    ('avg_basket_size', 'double precision'),
+    ('n_distinct_products', 'integer'),
+    ('n_distinct_categories', 'integer'),
+    ('return_rate', 'double precision'),
+    ('avg_days_between_orders', 'double precision'),
+    ('n_web_events', 'integer'),
+    ('browse_to_buy_ratio', 'double precision'),
+] -%}
+{%- for k in range(1, 9) -%}
+    {%- do columns.append(('category_share_' ~ k, 'double precision')) -%}
+{%- endfor -%}
+{%- do columns.append(('age_years', 'integer')) -%}
+{{ return(columns) }}
+{%- endmacro %}
+
+
+{% macro select_feature_columns(relation_alias) -%}
+{%- for name, type in feature_columns() %}
+        {{ relation_alias }}.{{ name }}::{{ type }} as {{ name }}{{ "," if not loop.last }}
+{%- endfor %}
+{%- endmacro %}

@@ -1,0 +1,165 @@
+{{ config(materialized='table') }}
+-- One row per customer × snapshot: the behavioural features computed from data dated on or before the
+-- snapshot's cut-off only. Snapshot 0 is the scoring cut-off (as_of); snapshots 1..training_snapshots are
+-- the training cut-offs as_of - k * horizon_days. Every feature mart reads this one model, so training and
+-- scoring features are the same computation.
+with
+
+as_of as (
+    select * from {{ ref('int_as_of') }}
+),
+
+orders as (
+    select * from {{ ref('fct_orders') }}
+    where customer_id is not null
+),
+
+order_lines as (
+    select * from {{ ref('fct_order_lines') }}
+    where customer_id is not null
+),
+
+web_events as (
+    select * from {{ ref('stg_crm__web_events') }}
+    where customer_id is not null
+),
+
+customers as (
+    select * from {{ ref('int_customers_unioned') }}
+),
+
+feature_categories as (
+    select * from {{ ref('feature_categories') }}
+),
+
+cutoffs as (
+    select
+        0 as snapshot,
+        as_of_date as feature_cutoff_date
+    from as_of
+
+    union all
+
+    select
+        k.snapshot,
+        as_of.as_of_date - k.snapshot * as_of.horizon_days as feature_cutoff_date
+    from as_of
+    cross join generate_series(1, as_of.training_snapshots) as k (snapshot)
+),
+
+order_summary as (
+    select
+        cutoffs.snapshot,
+        cutoffs.feature_cutoff_date,
+        orders.customer_id,
+        min(orders.order_date) filter (where orders.is_purchase) as first_purchase_date,
+        max(orders.order_date) filter (where orders.is_purchase) as last_purchase_date,
+        count(*) filter (where orders.is_purchase) as n_orders,
+        sum(orders.gross_revenue) as gross_spend,
+        sum(orders.return_value) as return_value,
+        sum(orders.net_revenue) as net_revenue,
+        avg(orders.n_items) filter (where orders.is_purchase) as avg_basket_size
+    from cutoffs
+    inner join orders
+        on orders.order_date <= cutoffs.feature_cutoff_date
+    group by
+        cutoffs.snapshot,
+        cutoffs.feature_cutoff_date,
+        orders.customer_id
+    having count(*) filter (where orders.is_purchase) > 0
+),
+
+purchase_lines as (
+    select
+        cutoffs.snapshot,
+        order_lines.customer_id,
+        order_lines.product_id,
+        order_lines.category,
+        order_lines.line_amount,
+        feature_categories.rank as category_rank
+    from cutoffs
+    inner join order_lines
+        on order_lines.order_date <= cutoffs.feature_cutoff_date
+    left join feature_categories
+        on order_lines.category = feature_categories.category
+    where order_lines.quantity > 0
+      and not order_lines.is_cancelled
+),
+
+line_summary as (
+    select
+        snapshot,
+        customer_id,
+        count(distinct product_id) as n_distinct_products,
+        count(distinct category) as n_distinct_categories,
+        sum(line_amount) as purchase_amount,
+        {%- for k in range(1, 9) %}
+        coalesce(sum(line_amount) filter (where category_rank = {{ k }}), 0) as category_spend_{{ k }}{{ "," if not loop.last }}
+        {%- endfor %}
+    from purchase_lines
+    group by
+        snapshot,
+        customer_id
+),
+
+web_summary as (
+    select
+        cutoffs.snapshot,
+        web_events.customer_id,
+        count(*) as n_web_events,
+        count(*) filter (where web_events.event_type in ('view', 'page_view', 'product_view')) as n_views
+    from cutoffs
+    inner join web_events
+        on web_events.event_date <= cutoffs.feature_cutoff_date
+    group by
+        cutoffs.snapshot,
+        web_events.customer_id
+),
+
+features as (
+    select
+        order_summary.snapshot,
+        order_summary.feature_cutoff_date,
+        order_summary.customer_id,
+        order_summary.first_purchase_date,
+        order_summary.last_purchase_date,
+        (order_summary.feature_cutoff_date - order_summary.last_purchase_date)::integer as recency_days,
+        (order_summary.feature_cutoff_date - order_summary.first_purchase_date)::integer as tenure_days,
+        order_summary.n_orders::integer as n_orders,
+        -- returns of purchases made before the data starts can exceed the purchases seen: floor at 0
+        greatest(order_summary.net_revenue, 0)::numeric as net_spend,
+        order_summary.gross_spend::numeric as gross_spend,
+        round(greatest(order_summary.net_revenue, 0) / order_summary.n_orders, 4)::numeric as avg_order_value,
+        order_summary.avg_basket_size::double precision as avg_basket_size,
+        coalesce(line_summary.n_distinct_products, 0)::integer as n_distinct_products,
+        coalesce(line_summary.n_distinct_categories, 0)::integer as n_distinct_categories,
+        least(1, order_summary.return_value / nullif(order_summary.gross_spend, 0))::double precision as return_rate,
+        case
+            when order_summary.n_orders > 1
+                then (order_summary.last_purchase_date - order_summary.first_purchase_date)::double precision
+                    / (order_summary.n_orders - 1)
+        end as avg_days_between_orders,
+        coalesce(web_summary.n_web_events, 0)::integer as n_web_events,
+        case
+            when web_summary.n_web_events > 0
+                then web_summary.n_views::double precision / order_summary.n_orders
+        end as browse_to_buy_ratio,
+        {%- for k in range(1, 9) %}
+        coalesce(
+            line_summary.category_spend_{{ k }} / nullif(line_summary.purchase_amount, 0), 0
+        )::double precision as category_share_{{ k }},
+        {%- endfor %}
+        extract(year from age(order_summary.feature_cutoff_date, customers.birth_date))::integer as age_years,
+        greatest(order_summary.net_revenue, 0) <> order_summary.net_revenue as has_excess_returns
+    from order_summary
+    left join line_summary
+        on order_summary.snapshot = line_summary.snapshot
+        and order_summary.customer_id = line_summary.customer_id
+    left join web_summary
+        on order_summary.snapshot = web_summary.snapshot
+        and order_summary.customer_id = web_summary.customer_id
+    left join customers
+        on order_summary.customer_id = customers.customer_id
+)
+
+select * from features

@@ -1,0 +1,58 @@
+-- One row per order line with its order's customer, date and status and its product's category.
+-- line_amount is what the line says (negative for returned items); line_revenue is its contribution to net
+-- revenue (0 for sale lines of cancelled orders and of orders returned as a whole).
+with
+
+order_lines as (
+    select * from {{ ref('stg_crm__order_lines') }}
+),
+
+orders as (
+    select * from {{ ref('int_orders_validated') }}
+),
+
+products as (
+    select * from {{ ref('stg_crm__products') }}
+),
+
+joined as (
+    select
+        order_lines.order_id,
+        order_lines.line_no,
+        orders.customer_id,
+        order_lines.product_id,
+        coalesce(products.category, 'uncategorised') as category,
+        coalesce(products.is_product, {{ is_product_code('order_lines.product_id') }}) as is_product,
+        orders.ordered_at,
+        orders.order_date,
+        orders.status as order_status,
+        order_lines.quantity,
+        order_lines.unit_price,
+        order_lines.discount,
+        round(order_lines.quantity * order_lines.unit_price * (1 - order_lines.discount), 4) as line_amount,
+        orders.status = 'cancelled' as is_cancelled,
+        order_lines.quantity < 0 or orders.status = 'returned' as is_return,
+        case
+            when order_lines.product_id is null then 'missing_product'
+            when order_lines.is_missing_amount then 'missing_quantity_or_price'
+            else orders.exclusion_reason
+        end as exclusion_reason,
+        greatest(order_lines._loaded_at, orders._source_loaded_at, products._loaded_at) as _source_loaded_at
+    from order_lines
+    inner join orders
+        on order_lines.order_id = orders.order_id
+    left join products
+        on order_lines.product_id = products.product_id
+),
+
+final as (
+    select
+        *,
+        case
+            when quantity > 0 and order_status in ('cancelled', 'returned') then 0
+            else line_amount
+        end as line_revenue
+    from joined
+)
+
+select * from final

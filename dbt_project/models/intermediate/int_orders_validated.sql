@@ -1,0 +1,36 @@
+-- One row per order with its customer's flags and the reason, if any, it must not reach the marts.
+with
+
+orders as (
+    select * from {{ ref('stg_crm__orders') }}
+),
+
+customers as (
+    select * from {{ ref('stg_crm__customers') }}
+),
+
+joined as (
+    select
+        orders.order_id,
+        orders.customer_id,
+        orders.ordered_at,
+        orders.order_date,
+        orders.status,
+        orders.channel,
+        orders.is_missing_customer,
+        orders.is_future_dated,
+        coalesce(customers.is_test_account, false) as is_test_account,
+        orders.customer_id is not null and customers.customer_id is null as is_unknown_customer,
+        coalesce(orders.ordered_at < customers.signup_at, false) as is_before_signup,
+        case
+            when orders.is_missing_date then 'missing_order_date'
+            when orders.is_future_dated then 'future_dated'
+            when customers.is_test_account then 'test_account'
+        end as exclusion_reason,
+        greatest(orders._loaded_at, customers._loaded_at) as _source_loaded_at
+    from orders
+    left join customers
+        on orders.customer_id = customers.customer_id
+)
+
+select * from joined

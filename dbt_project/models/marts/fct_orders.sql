@@ -1,0 +1,46 @@
+{#- Incremental by load time, not by order date: every order whose own row, lines, customer or products were
+    delivered after the newest delivery already processed is recomputed (delete+insert on order_id), so
+    late-arriving lines for old orders and re-delivered rows are picked up. The post-hook removes orders
+    that a later delivery disqualified (e.g. their customer turned out to be a test account). -#}
+{{ config(
+    materialized='incremental',
+    unique_key='order_id',
+    incremental_strategy='delete+insert',
+    on_schema_change='fail',
+    post_hook="delete from {{ this }} where order_id in (select order_id from {{ ref('int_orders_validated') }} where exclusion_reason is not null)",
+) }}
+-- depends_on: {{ ref('int_orders_validated') }}
+with
+
+orders as (
+    select * from {{ ref('int_orders_enriched') }}
+    where exclusion_reason is null
+    {%- if is_incremental() %}
+      and _source_loaded_at > (
+          select coalesce(max(_source_loaded_at), '-infinity'::timestamptz) from {{ this }}
+      )
+    {%- endif %}
+),
+
+final as (
+    select
+        order_id::text as order_id,
+        customer_id::text as customer_id,
+        ordered_at::timestamp as ordered_at,
+        order_date::date as order_date,
+        status::text as status,
+        channel::text as channel,
+        n_lines::integer as n_lines,
+        n_items::integer as n_items,
+        gross_revenue::numeric as gross_revenue,
+        return_value::numeric as return_value,
+        net_revenue::numeric as net_revenue,
+        is_cancelled::boolean as is_cancelled,
+        is_return::boolean as is_return,
+        is_purchase::boolean as is_purchase,
+        is_before_signup::boolean as is_before_signup,
+        _source_loaded_at::timestamptz as _source_loaded_at
+    from orders
+)
+
+select * from final

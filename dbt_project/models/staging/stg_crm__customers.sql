@@ -1,0 +1,57 @@
+-- One row per customer id: the latest delivery, cleaned. Test accounts stay here, flagged; the marts drop them.
+with
+
+source as (
+    select * from {{ source('crm', 'customers') }}
+),
+
+cleaned as (
+    select
+        {{ clean_id('customer_id') }} as customer_id,
+        nullif(lower(trim(email)), '') as email,
+        nullif(trim(full_name), '') as full_name,
+        case
+            when upper(trim(gender)) in ('M', 'MALE', 'MAN', 'H', 'HOMME') then 'M'
+            when upper(trim(gender)) in ('F', 'FEMALE', 'WOMAN', 'W', 'FEMME') then 'F'
+            else 'U'
+        end as gender,
+        case
+            when birth_date between date '1900-01-01' and current_date then birth_date
+        end as birth_date,
+        nullif(upper(trim(country)), '') as country,
+        nullif(trim(city), '') as city,
+        signup_at,
+        nullif(lower(trim(acquisition_channel)), '') as acquisition_channel,
+        coalesce(is_test_account, false) as is_test_account,
+        coalesce(trim(email) ~* '^[^@[:space:]]+@[^@[:space:]]+\.[a-z]{2,}$', false) as is_valid_email,
+        coalesce(birth_date not between date '1900-01-01' and current_date, false) as is_birth_date_invalid,
+        _batch_id,
+        _loaded_at
+    from source
+),
+
+ranked as (
+    {{ ranked_deliveries('cleaned', ['customer_id']) }}
+),
+
+deduplicated as (
+    select
+        customer_id,
+        email,
+        full_name,
+        gender,
+        birth_date,
+        country,
+        city,
+        signup_at,
+        acquisition_channel,
+        is_test_account,
+        is_valid_email,
+        is_birth_date_invalid,
+        {{ delivery_columns() }}
+    from ranked
+    where _delivery_rank = 1
+      and customer_id is not null
+)
+
+select * from deduplicated

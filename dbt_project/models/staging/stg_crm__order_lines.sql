@@ -1,0 +1,42 @@
+-- One row per order line (order_id, line_no): the latest delivery. Negative quantities are returns.
+with
+
+source as (
+    select * from {{ source('crm', 'order_lines') }}
+),
+
+cleaned as (
+    select
+        nullif(trim(order_id), '') as order_id,
+        line_no,
+        nullif(trim(product_id), '') as product_id,
+        quantity,
+        unit_price,
+        -- a discount is a fraction of the unit price; anything outside 0..1 is a source error, clamped
+        least(greatest(coalesce(discount, 0), 0), 1) as discount,
+        _batch_id,
+        _loaded_at
+    from source
+),
+
+ranked as (
+    {{ ranked_deliveries('cleaned', ['order_id', 'line_no']) }}
+),
+
+deduplicated as (
+    select
+        order_id,
+        line_no,
+        product_id,
+        quantity,
+        unit_price,
+        discount,
+        quantity is null or unit_price is null as is_missing_amount,
+        {{ delivery_columns() }}
+    from ranked
+    where _delivery_rank = 1
+      and order_id is not null
+      and line_no is not null
+)
+
+select * from deduplicated
