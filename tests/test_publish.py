@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 import uuid
 
 import numpy as np
@@ -10,9 +16,11 @@ import pandas as pd
 import psycopg
 import pytest
 
+from ml.config import PROJECT_ROOT
 from ml.publish import (
     METADATA_COLUMNS,
     PublishError,
+    PublishLockTimeout,
     content_checksum,
     current_as_of,
     publish,
@@ -176,3 +184,192 @@ def test_new_columns_are_added_and_grants_survive(warehouse):
         with connect(warehouse, autocommit=True) as conn:
             conn.execute(f"drop owned by {role}")
             conn.execute(f"drop role {role}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Concurrency, locks, faults
+# ---------------------------------------------------------------------------------------------------------
+def _generation(gen: int, base: int = 2000) -> pd.DataFrame:
+    """Generation ``gen``: base + 37*gen rows, every row's ``gen`` column equal to gen, so a reader can tell
+    a complete table (count matches gen, min = max) from a mix or a partial one."""
+    n = base + 37 * gen
+    return pd.DataFrame({"customer_id": [f"C{i:07d}" for i in range(n)], "gen": np.full(n, gen, dtype="int64")})
+
+
+def _check_generation(count: int, gen_min: int | None, gen_max: int | None, total: int | None) -> str | None:
+    if gen_min is None or gen_min != gen_max:
+        return f"mixed or empty: count={count} min={gen_min} max={gen_max}"
+    if count != 2000 + 37 * gen_min or total != count * gen_min:
+        return f"partial: count={count} for gen {gen_min} (sum {total})"
+    return None
+
+
+def test_concurrent_readers_see_only_complete_old_or_new_tables(warehouse):
+    _publish(warehouse, _generation(0))
+    stop = threading.Event()
+    problems: list[str] = []
+    seen: list[set[int]] = []
+
+    def reader(isolation: str) -> None:
+        gens: set[int] = set()
+        seen.append(gens)
+        try:
+            with connect(warehouse, autocommit=True) as conn:
+                while not stop.is_set():
+                    with conn.transaction():
+                        conn.execute(f"set transaction isolation level {isolation}")
+                        first = conn.execute(
+                            "select count(*), min(gen), max(gen), sum(gen) from ml.customer_segments"
+                        ).fetchone()
+                        # A second look inside the same transaction: a snapshot-holding reader must keep
+                        # seeing the same complete table (TRUNCATE would show it empty here).
+                        second = conn.execute(
+                            "select count(*), min(gen), max(gen), sum(gen) from ml.customer_segments"
+                        ).fetchone()
+                    for row in (first, second):
+                        problem = _check_generation(*row)
+                        if problem:
+                            problems.append(f"{isolation}: {problem}")
+                        else:
+                            gens.add(row[1])
+                    if isolation == "repeatable read" and first != second:
+                        problems.append(f"repeatable read saw two contents: {first} then {second}")
+        except Exception as err:  # noqa: BLE001 - every reader error is a failure of the guarantee
+            problems.append(f"{isolation}: {type(err).__name__}: {err}")
+
+    threads = [threading.Thread(target=reader, args=(iso,))
+               for iso in ("read committed", "read committed", "repeatable read")]
+    for thread in threads:
+        thread.start()
+    try:
+        for gen in range(1, 9):
+            _publish(warehouse, _generation(gen), run_id=f"gen-{gen}")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a reader hung"
+    assert not problems, problems[:5]
+    # The readers really ran during the publishes: together they saw more than one generation.
+    assert len(set().union(*seen)) >= 2, seen
+    with connect(warehouse) as conn:
+        assert _check_generation(*conn.execute(
+            "select count(*), min(gen), max(gen), sum(gen) from ml.customer_segments").fetchone()) is None
+        assert conn.execute("select max(gen) from ml.customer_segments").fetchone()[0] == 8
+
+
+def _waiting_on_advisory_lock(conn) -> int:
+    return conn.execute(
+        "select count(*) from pg_locks where locktype = 'advisory' and not granted and database = "
+        "(select oid from pg_database where datname = current_database())"
+    ).fetchone()[0]
+
+
+def test_overlapping_publish_waits_for_the_lock_then_fails_clearly(warehouse):
+    _publish(warehouse, _generation(1))
+    holder = connect(warehouse)
+    try:
+        # An open transaction that has published (and so holds the table's lock) but not committed.
+        holder.execute("select 1")  # a transaction is open, so publish runs inside it (a savepoint)
+        _publish(holder, _generation(2), run_id="holder")
+        with pytest.raises(PublishLockTimeout, match=r"another publish of ml\.customer_segments is running"):
+            _publish(warehouse, _generation(3), run_id="second", lock_timeout=0.5)
+
+        # A second publisher with a longer timeout waits, then goes ahead once the first commits.
+        result: dict = {}
+        waiter = threading.Thread(
+            target=lambda: result.update(report=_publish(warehouse, _generation(4), run_id="waiter",
+                                                         lock_timeout=60)))
+        waiter.start()
+        with connect(warehouse, autocommit=True) as watcher:
+            deadline = time.monotonic() + 30
+            while _waiting_on_advisory_lock(watcher) == 0 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert _waiting_on_advisory_lock(watcher) == 1, "the second publisher did not wait on the lock"
+            # While it waits, readers still see the last committed contents (generation 1).
+            assert watcher.execute("select max(gen) from ml.customer_segments").fetchone()[0] == 1
+        holder.commit()
+        waiter.join(timeout=60)
+        assert not waiter.is_alive() and result["report"].run_id == "waiter"
+    finally:
+        holder.close()
+    with connect(warehouse) as conn:
+        assert conn.execute("select min(mlflow_run_id), max(gen) from ml.customer_segments").fetchone() == (
+            "waiter", 4)
+
+
+def test_other_tables_are_not_blocked_by_a_publish_in_progress(warehouse):
+    holder = connect(warehouse)
+    try:
+        holder.execute("select 1")
+        _publish(holder, _generation(1), run_id="holder")
+        report = _publish(warehouse, _generation(2), table="segment_profiles", lock_timeout=5)
+        assert report.rows == _generation(2).shape[0]
+    finally:
+        holder.rollback()
+        holder.close()
+
+
+_KILLED_PUBLISHER = r"""
+import datetime as dt, sys
+import numpy as np, pandas as pd
+from ml.config import Settings
+from ml.publish import publish
+n = int(sys.argv[1])
+frame = pd.DataFrame({"customer_id": np.char.add("C", np.arange(n).astype(str)).astype(object),
+                      "gen": np.full(n, 99, dtype="int64"),
+                      "padding": np.full(n, "x" * 60, dtype=object)})
+print("ready", flush=True)
+publish(Settings.from_env(), "customer_segments", frame, as_of=dt.date(2024, 7, 1), run_id="killed",
+        model_name="segmentation", model_version=2, key_columns=["customer_id"])
+print("published", flush=True)
+"""
+
+
+def test_publish_killed_during_copy_leaves_previous_table_intact(warehouse, tmp_path):
+    _publish(warehouse, _generation(5).assign(padding="y"), run_id="before")
+    with connect(warehouse) as conn:
+        before = content_checksum(conn, "customer_segments_history")
+        before_table = content_checksum(conn, "customer_segments")
+    script = tmp_path / "publisher.py"
+    script.write_text(_KILLED_PUBLISHER)
+    env = {**os.environ, "WAREHOUSE_URL": warehouse.warehouse_url, "PGAPPNAME": "publish_to_kill",
+           "PYTHONPATH": str(PROJECT_ROOT)}
+    proc = subprocess.Popen([sys.executable, str(script), "1500000"], env=env, cwd=PROJECT_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    copying = None
+    try:
+        with connect(warehouse, autocommit=True) as watcher:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and proc.poll() is None:
+                copying = watcher.execute(
+                    "select p.bytes_processed from pg_stat_progress_copy p join pg_stat_activity a using (pid) "
+                    "where a.application_name = 'publish_to_kill' and p.bytes_processed > 0"
+                ).fetchone()
+                if copying:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    break
+                time.sleep(0.005)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert copying is not None, f"never saw the COPY running: {proc.stdout.read()} {proc.stderr.read()}"
+    assert proc.returncode == -signal.SIGKILL
+
+    with connect(warehouse, autocommit=True) as conn:
+        # The previous contents are readable at once, while the server is still noticing the dead client.
+        assert content_checksum(conn, "customer_segments") == before_table
+        assert content_checksum(conn, "customer_segments_history") == before
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and conn.execute(
+            "select count(*) from pg_stat_activity where application_name = 'publish_to_kill'"
+        ).fetchone()[0]:
+            time.sleep(0.05)
+    # Nothing of the killed run remains, and its lock is gone: the next publish goes through.
+    report = _publish(warehouse, _generation(6), run_id="after", lock_timeout=10)
+    with connect(warehouse) as conn:
+        assert conn.execute("select count(*) from ml.customer_segments_history where mlflow_run_id = 'killed'"
+                            ).fetchone()[0] == 0
+        assert conn.execute("select count(*), max(gen) from ml.customer_segments").fetchone() == (report.rows, 6)
