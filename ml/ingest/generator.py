@@ -254,7 +254,8 @@ def generate(
 ) -> LoadReport:
     """Generate a CRM into the raw layer as one atomic, idempotent load batch, with its planted truth.
 
-    ``timings`` (optional) receives seconds spent generating (numpy/Arrow) and waiting for COPY;
+    ``timings`` (optional) receives seconds spent generating (numpy/Arrow, ``generate``), waiting for the
+    COPY thread (``wait_copy``) and COPYing each table (``copy <table>``, overlapping the generation);
     ``progress(done_customers, customers)`` is called after each chunk.
     """
     params.validate()
@@ -430,10 +431,12 @@ class _Generation:
 
     def _copy_all(self, jobs: list[tuple[str, pa.Table, bool]]) -> None:
         for table, frame, stamp in jobs:
+            started = time.perf_counter()
             if stamp:
                 self.batch.copy(table, frame)
             else:
                 copy_in(self.batch.conn, table, frame)
+            self._add_time(f"copy {table}", started)
 
     def _add_time(self, key: str, started: float) -> None:
         self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - started
@@ -520,7 +523,7 @@ class _Generation:
         order_day = np.concatenate([signup_day[new], day_rep])
         order_sec = np.concatenate([signup_sec[new] + rng.integers(60, 3000, new.size), _time_of_day(frac_rep)])
         order_ts = w.start_ts + order_day.astype(np.int64) * SECONDS_PER_DAY + order_sec
-        by_time = np.lexsort((order_ts, order_cust))
+        by_time = np.argsort(_sort_key(order_cust, order_ts - w.start_ts))
         order_cust, order_ts = order_cust[by_time], order_ts[by_time]
         n_orders = order_cust.size
 
@@ -823,7 +826,7 @@ class _Generation:
 
         session = np.concatenate(ev_session)
         ts = np.minimum(np.concatenate(ev_ts), w.end_ts - 1)
-        order = np.lexsort((ts, session))
+        order = np.argsort(_sort_key(session, ts - w.start_ts))
         session, ts = session[order], ts[order]
         ev_cust_all = np.concatenate(ev_cust)[order]
         kind = np.concatenate(ev_type)[order]
@@ -948,6 +951,15 @@ def _inverse_intensity(cum: np.ndarray, intensity: np.ndarray, seg: np.ndarray, 
     day = pos.clip(0, D1 - 2)
     frac = ((target - cum[seg, day]) / intensity[seg, day]).clip(0, 0.999999)
     return day, frac
+
+
+def _sort_key(major: np.ndarray, seconds: np.ndarray) -> np.ndarray:
+    """One int64 key ordering by ``major`` then ``seconds`` (a single argsort is ~5x faster than lexsort).
+
+    ``seconds`` counts from the window start and stays within −2^32..2^32 (±136 years); ``major`` is a
+    chunk-local index, far below 2^29.
+    """
+    return (major.astype(np.int64) << 33) + (seconds.astype(np.int64) + (1 << 32))
 
 
 def _epoch(day: date) -> int:
