@@ -261,9 +261,11 @@ def generate(
     params.validate()
     canonical = params.canonical()
     hashed = json.dumps({"generator_version": GENERATOR_VERSION, **canonical}, sort_keys=True)
-    defaults = GeneratorParams().canonical() | {"n_products": params.product_count}
-    extra = [f"{k}={v}" for k, v in canonical.items()
-             if k not in ("customers", "days", "seed", "end_date") and v != defaults.get(k)]
+    # The four CLI knobs always, any other parameter only when it differs from its default.
+    defaults = asdict(GeneratorParams())
+    extra = [f"{f.name}={getattr(params, f.name)}" for f in fields(params)
+             if f.name not in ("customers", "days", "seed", "end_date")
+             and getattr(params, f.name) != defaults[f.name]]
     source_name = " ".join(
         [f"customers={params.customers}", f"days={params.days}", f"seed={params.seed}",
          f"end_date={canonical['end_date']}", *extra]
@@ -416,6 +418,7 @@ class _Generation:
         self.n_baskets = 0
         self.n_orders = 0
         self.n_sessions = 0
+        self.lines_generated = 0
         self.segment_counts = np.zeros(params.n_segments, dtype=np.int64)
         self.alive_counts = np.zeros(params.n_segments, dtype=np.int64)
         self.gender_counts: dict[str, int] = {}
@@ -471,7 +474,8 @@ class _Generation:
             finally:
                 for future in self.pending:  # an error above: let the writer finish before the rollback
                     future.exception()
-        self.batch.report.lines_read = self.batch.report.rows_loaded.get("raw.order_lines", 0)
+        # Counted as generated, so the batch's reconciliation checks that COPY really loaded every line.
+        self.batch.report.lines_read = self.lines_generated
         self._record_truth()
 
     # -- one chunk of customers ----------------------------------------------------------------------------
@@ -626,6 +630,7 @@ class _Generation:
             "unit_price": pa.array(all_price[l_rows].round(2), pa.float64()),
             "discount": pa.array(all_discount[l_rows], pa.float64()),
         })
+        self.lines_generated += lines.num_rows
         self._count("duplicate_order_lines", dup_lines.size)
         self._count("duplicate_orders", dup_orders.size)
         self._count("orders_missing_customer", int((~has_customer[o_rows]).sum()))
