@@ -60,18 +60,18 @@ class _Sampler(threading.Thread):
         self.interval = interval
         self.peak_python = 0
         self.peak_server = 0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
         me = os.getpid()
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             self.peak_python = max(self.peak_python, _tree_rss(me))
             if self.server_pid:
                 self.peak_server = max(self.peak_server, _tree_rss(self.server_pid))
-            self._stop.wait(self.interval)
+            self._halt.wait(self.interval)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join()
 
 

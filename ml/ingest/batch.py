@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import psycopg
 import pyarrow as pa
@@ -72,7 +73,7 @@ class Batch:
     def copy(self, table: str, frame: pd.DataFrame | pa.Table) -> int:
         """COPY rows into a raw table, stamping them with this batch."""
         if isinstance(frame, pa.Table):
-            frame = frame.append_column("_batch_id", pa.array([self.batch_id] * frame.num_rows, pa.int64()))
+            frame = frame.append_column("_batch_id", pa.array(np.full(frame.num_rows, self.batch_id, np.int64)))
         else:
             frame = frame.assign(_batch_id=self.batch_id)
         n = copy_in(self.conn, table, frame)
