@@ -103,14 +103,33 @@ def bm25_weight(m: sp.csr_matrix, k1: float = 1.2, b: float = 0.75) -> sp.csr_ma
     return sp.csr_matrix((data, (coo.row, coo.col)), shape=coo.shape)
 
 
-def top_k_per_row(m: sp.csr_matrix, k: int) -> sp.csr_matrix:
-    """Keep the ``k`` largest entries of every row of a sparse matrix (vectorised, no row loop)."""
+def top_k_per_row(m: sp.csr_matrix, k: int, allow_dense: bool = True) -> sp.csr_matrix:
+    """Keep the ``k`` largest entries of every row of a sparse matrix (vectorised, no row loop).
+
+    Dense-ish matrices (item x item similarities) go through dense row chunks and ``argpartition``
+    (linear time); very sparse ones through one sort of the stored entries.
+    """
     m = sp.csr_matrix(m)
     m.eliminate_zeros()
     counts = np.diff(m.indptr)
     if counts.max(initial=0) <= k:
         return m
-    rows = np.repeat(np.arange(m.shape[0]), counts)
+    n_rows, n_cols = m.shape
+    if allow_dense and k < n_cols and n_rows * n_cols <= 50 * m.nnz:
+        step = max(1, _CHUNK_CELLS // max(n_cols, 1))
+        rows_out, cols_out, vals_out = [], [], []
+        for start in range(0, n_rows, step):
+            block = m[start:start + step].toarray()
+            top = np.argpartition(-block, k, axis=1)[:, :k]
+            vals = np.take_along_axis(block, top, axis=1)
+            r = np.repeat(np.arange(start, start + block.shape[0]), k)
+            keep = vals.ravel() != 0
+            rows_out.append(r[keep])
+            cols_out.append(top.ravel()[keep])
+            vals_out.append(vals.ravel()[keep])
+        return sp.csr_matrix((np.concatenate(vals_out), (np.concatenate(rows_out), np.concatenate(cols_out))),
+                             shape=m.shape)
+    rows = np.repeat(np.arange(n_rows), counts)
     order = np.lexsort((-m.data, rows))
     starts = np.repeat(m.indptr[:-1], counts)
     rank = np.empty_like(order)
@@ -138,6 +157,7 @@ class BaseRecommender(BaseEstimator):
     """
 
     method = "base"
+    _chunk_cells = _CHUNK_CELLS
 
     def fit(self, interactions: pd.DataFrame, products: pd.DataFrame | None = None) -> BaseRecommender:
         lines = prepare_interactions(interactions)
@@ -195,10 +215,11 @@ class BaseRecommender(BaseEstimator):
         name_col = next((c for c in ("product_name", "description") if c in table.columns), None)
         names = table[name_col] if name_col else pd.Series(pd.NA, index=table.index, dtype="str")
         table["display_name"] = names.fillna(pd.Series(table.index, index=table.index)).astype(str)
+        self.names_ = table["display_name"].to_numpy(dtype=object)
         return table
 
     def _names(self, item_idx: np.ndarray) -> np.ndarray:
-        return self.products_["display_name"].to_numpy()[item_idx]
+        return self.names_[item_idx]
 
     def _binary(self, m: sp.csr_matrix) -> sp.csr_matrix:
         b = m.copy()
@@ -213,8 +234,12 @@ class BaseRecommender(BaseEstimator):
         if not hasattr(self, "history_"):
             raise RecommenderError(f"{type(self).__name__} is not fitted: call .fit(interactions) first")
 
-    def recommend(self, customer_ids, n: int = 10, exclude_purchased: bool = True) -> pd.DataFrame:
-        """Top-``n`` items per customer. Unknown customers get popular items, said in the reason."""
+    def recommend(self, customer_ids, n: int = 10, exclude_purchased: bool = True, *,
+                  explain: bool = True) -> pd.DataFrame:
+        """Top-``n`` items per customer. Unknown customers get popular items, said in the reason.
+
+        ``explain=False`` skips building the reasons (empty strings): candidate generation only.
+        """
         self._check_fitted()
         if n < 1:
             raise RecommenderError(f"n must be at least 1, got {n}")
@@ -222,12 +247,12 @@ class BaseRecommender(BaseEstimator):
         rows = self.customers_.get_indexer(ids)
         known = rows >= 0
         frames = []
-        chunk = max(1, _CHUNK_CELLS // max(len(self.items_), 1))
+        chunk = max(1, self._chunk_cells // max(len(self.items_), 1))
         known_rows, known_ids = rows[known], ids[known]
         for start in range(0, len(known_rows), chunk):
             r = known_rows[start:start + chunk]
             frames.append(self._recommend_rows(
-                known_ids[start:start + chunk], self.history_[r], self.recent_[r], r, n, exclude_purchased))
+                known_ids[start:start + chunk], self.history_[r], self.recent_[r], r, n, exclude_purchased, explain))
         if (~known).any():
             frames.append(self._cold_start(ids[~known], n))
         if not frames:
@@ -256,7 +281,28 @@ class BaseRecommender(BaseEstimator):
         rows = np.array([row]) if row >= 0 else None
         return self._recommend_rows(label, history, recent, rows, n, exclude_purchased=True)[OUTPUT_COLUMNS]
 
-    def _recommend_rows(self, ids, history, recent, rows, n, exclude_purchased) -> pd.DataFrame:
+    def _memo(self, key, compute):
+        """Reuse a chunk's intermediate (neighbours, fired rules) between scoring and explaining."""
+        cache = self.__dict__.get("_cache")
+        if cache is None:
+            return compute()
+        if key not in cache:
+            cache[key] = compute()
+        return cache[key]
+
+    def _parts(self) -> list[BaseRecommender]:
+        return []
+
+    def _recommend_rows(self, ids, history, recent, rows, n, exclude_purchased, explain=True) -> pd.DataFrame:
+        for model in [self, *self._parts()]:
+            model._cache = {}
+        try:
+            return self._rank(ids, history, recent, rows, n, exclude_purchased, explain)
+        finally:
+            for model in [self, *self._parts()]:
+                model._cache = None
+
+    def _rank(self, ids, history, recent, rows, n, exclude_purchased, explain) -> pd.DataFrame:
         scores = np.asarray(self._scores(history, recent, rows), dtype=np.float64)
         raw_positive = scores > 0
         # ties and empty rows fall back to popularity: a tiny, strictly smaller tie-breaker
@@ -273,9 +319,12 @@ class BaseRecommender(BaseEstimator):
         picked = np.take_along_axis(picked, order, axis=1)
         valid = np.isfinite(picked)  # fewer unbought items than n
         positive = np.take_along_axis(raw_positive, picks, axis=1)
-        reasons = np.asarray(self._reasons(history, recent, rows, picks, picked), dtype=object)
         fill = ~positive
-        if fill.any():
+        if explain:
+            reasons = np.asarray(self._reasons(history, recent, rows, picks, picked), dtype=object)
+        else:
+            reasons = np.full(picks.shape, "", dtype=object)
+        if explain and fill.any():
             reasons[fill] = [f"popular item (bought in {int(self.item_orders_[i]):,} orders)" for i in picks[fill]]
         methods = np.where(fill, "popularity", self.method)
         out = pd.DataFrame({
@@ -411,8 +460,17 @@ class RuleRecommender(BaseRecommender):
         self.confidence_ = rules["confidence"].to_numpy(dtype=np.float64) if len(rules) else np.array([])
         self.lift_ = rules["lift"].to_numpy(dtype=np.float64) if len(rules) else np.array([])
         self.rules_ = rules.reset_index(drop=True)
+        # one readable sentence per rule, built once here rather than per recommendation
+        ante_names = pd.Series(self._names(np.maximum(flat, 0)), dtype=object).groupby(rule_of).agg(" + ".join)
+        ante_names = ante_names.reindex(np.arange(len(ante)), fill_value="")
+        self.rule_reasons_ = np.array(
+            [f"bought together with {a} in {c:.0%} of baskets (lift {lf:.1f})"
+             for a, c, lf in zip(ante_names, self.confidence_, self.lift_, strict=True)], dtype=object)
 
     def _fired(self, recent):
+        return self._memo("fired", lambda: self._fire(recent))
+
+    def _fire(self, recent):
         if self.antecedents_.shape[0] == 0:
             return pd.DataFrame({"row": [], "rule": []}, dtype=np.int64)
         hits = sp.coo_matrix(sp.csr_matrix(recent) @ self.antecedents_.T)
@@ -437,11 +495,7 @@ class RuleRecommender(BaseRecommender):
         out = np.full(len(rule), "recommended by rules", dtype=object)
         has = ~pd.isna(rule)
         if has.any():
-            r = rule[has].astype(np.int64)
-            ante = self.rules_["antecedent"].to_numpy()[r]
-            names = [" + ".join(self._names(self.items_.get_indexer(pd.Index([str(x) for x in a])))) for a in ante]
-            out[has] = [f"bought together with {nm} in {c:.0%} of baskets (lift {lf:.1f})"
-                        for nm, c, lf in zip(names, self.confidence_[r], self.lift_[r], strict=True)]
+            out[has] = self.rule_reasons_[rule[has].astype(np.int64)]
         return out.reshape(picks.shape)
 
 
@@ -535,6 +589,9 @@ class UserKNNRecommender(BaseRecommender):
         return _l2_rows(sp.csr_matrix((data, (coo.row, coo.col)), shape=coo.shape))
 
     def _neighbours(self, history, rows) -> sp.csr_matrix:
+        return self._memo("neighbours", lambda: self._find_neighbours(history, rows))
+
+    def _find_neighbours(self, history, rows) -> sp.csr_matrix:
         sim = sp.coo_matrix(self._weigh(history) @ self.user_vectors_t_)
         if rows is not None:  # a customer is not their own neighbour
             sim.data[sim.col == np.asarray(rows)[sim.row]] = 0.0
@@ -544,8 +601,7 @@ class UserKNNRecommender(BaseRecommender):
         return np.asarray((self._neighbours(history, rows) @ self.bought_).todense())
 
     def _reasons(self, history, recent, rows, picks, picked_scores):
-        nb = self._neighbours(history, rows)
-        nb.data[:] = 1.0
+        nb = self._binary(self._neighbours(history, rows))
         count = np.asarray((nb @ self.bought_).todense())
         got = np.take_along_axis(count, picks, axis=1).astype(np.int64)
         n_nb = np.diff(nb.indptr)[:, None].repeat(picks.shape[1], axis=1)
@@ -663,6 +719,7 @@ class HybridRecommender(BaseRecommender):
     """
 
     method = "hybrid"
+    _chunk_cells = _CHUNK_CELLS // 8  # one dense score block per component is alive at once
 
     def __init__(self, components: dict[str, BaseRecommender] | None = None, weights: dict[str, float] | None = None,
                  n: int = 10, min_history_items: int = 5, max_validation_customers: int = 3000,
@@ -726,6 +783,9 @@ class HybridRecommender(BaseRecommender):
         total = np.zeros((history.shape[0], len(self.items_)))
         parts = {}
         for k, comp in self.fitted_components_.items():
+            w = weights_for_row(k)
+            if not (w > 0).any():
+                continue  # a component the blend does not use costs nothing
             cols = self.item_maps_[k]
             sub_rows = None
             if rows is not None:
@@ -736,7 +796,7 @@ class HybridRecommender(BaseRecommender):
             s = np.zeros_like(total)
             ok = cols >= 0
             s[:, ok] = np.maximum(comp._scores(h, r, sub_rows)[:, cols[ok]], 0)
-            s = _normalise_rows_max(s) * weights_for_row(k)[:, None]
+            s = _normalise_rows_max(s) * w[:, None]
             parts[k] = s
             total += s
         return total, parts
@@ -746,12 +806,17 @@ class HybridRecommender(BaseRecommender):
         cold = n_items < self.min_history_items
         return lambda k: np.where(cold, self.cold_weights_.get(k, 0.0), self.weights_.get(k, 0.0))
 
+    def _parts(self):
+        return list(self.fitted_components_.values())
+
+    def _blended(self, history, recent, rows):
+        return self._memo("blend", lambda: self._blend(history, recent, rows, self._row_weights(history)))
+
     def _scores(self, history, recent, rows):
-        total, _ = self._blend(history, recent, rows, self._row_weights(history))
-        return total
+        return self._blended(history, recent, rows)[0]
 
     def _reasons(self, history, recent, rows, picks, picked_scores):
-        _, parts = self._blend(history, recent, rows, self._row_weights(history))
+        _, parts = self._blended(history, recent, rows)
         names = list(parts)
         stacked = np.stack([np.take_along_axis(parts[k], picks, axis=1) for k in names])
         best = stacked.argmax(axis=0)
@@ -784,7 +849,7 @@ def _remap_columns(m, cols, n_cols) -> sp.csr_matrix:
 
 def _candidate_matrix(model: BaseRecommender, ids, items, per_row: int) -> sp.csr_matrix:
     """A component's top candidates per customer as a sparse (customers x items) matrix, max-scaled."""
-    recs = model.recommend(ids, n=per_row, exclude_purchased=True)
+    recs = model.recommend(ids, n=per_row, exclude_purchased=True, explain=False)
     recs = recs[recs["method"] == model.method]  # popularity fill is not this component's opinion
     score = recs["score"].to_numpy(dtype=np.float64)
     top = recs.groupby("customer_id")["score"].transform("max").to_numpy()
@@ -802,19 +867,49 @@ def _truth_matrix(targets: pd.Series, items: pd.Index) -> sp.csr_matrix:
 
 
 def _hit_rate(scores: sp.csr_matrix, truth: sp.csr_matrix, n: int) -> float:
-    top = top_k_per_row(scores, n)
+    top = top_k_per_row(scores, n, allow_dense=False)
     top.data[:] = 1.0
     return float((np.asarray(top.multiply(truth).sum(axis=1)).ravel() > 0).mean())
 
 
+def _candidate_table(names, matrices, truth):
+    """Each validation customer's candidates as padded (customers x width) arrays, one per component.
+
+    The blend search then costs one weighted sum and one ``argpartition`` over a small dense array
+    per trial, instead of sparse additions and sorts.
+    """
+    parts = []
+    for m, k in enumerate(names):
+        coo = sp.coo_matrix(matrices[k])
+        parts.append(pd.DataFrame({"row": coo.row, "col": coo.col, "comp": m, "score": coo.data}))
+    long = pd.concat(parts, ignore_index=True)
+    wide = long.pivot_table(index=["row", "col"], columns="comp", values="score", aggfunc="max", fill_value=0.0)
+    wide = wide.reindex(columns=range(len(names)), fill_value=0.0).reset_index()
+    slot = wide.groupby("row").cumcount().to_numpy()
+    width = int(slot.max()) + 1 if len(slot) else 1
+    rows = wide["row"].to_numpy()
+    values = np.full((len(names), truth.shape[0], width), 0.0)
+    values[:, rows, slot] = wide[list(range(len(names)))].to_numpy().T
+    present = np.zeros((truth.shape[0], width), dtype=bool)
+    present[rows, slot] = True
+    is_target = np.zeros((truth.shape[0], width), dtype=bool)
+    is_target[rows, slot] = np.asarray(truth[rows, wide["col"].to_numpy()]).ravel() > 0
+    return values, present, is_target
+
+
 def _search_weights(names, matrices, truth, n, grid=(0.0, 0.1, 0.25, 0.5, 1.0, 2.0), rounds=3):
-    """Coordinate ascent on the blend weights; a small popularity-like jitter keeps ties stable."""
-    weights = {k: 1.0 for k in names}
+    """Coordinate ascent on the blend weights, maximising validation hit-rate@n."""
+    values, present, is_target = _candidate_table(names, matrices, truth)
+    n_eff = min(n, values.shape[2])
 
     def score(w):
-        blend = sum((matrices[k] * w[k] for k in names if w[k] > 0), sp.csr_matrix(truth.shape))
-        return _hit_rate(sp.csr_matrix(blend), truth, n)
+        blend = np.tensordot(np.array([w[k] for k in names]), values, axes=1)
+        blend[~present] = -np.inf
+        top = np.argpartition(-blend, n_eff - 1, axis=1)[:, :n_eff]
+        ok = np.take_along_axis(present & (blend > 0), top, axis=1)
+        return float((np.take_along_axis(is_target, top, axis=1) & ok).any(axis=1).mean())
 
+    weights = {k: 1.0 for k in names}
     best = score(weights)
     for _ in range(rounds):
         improved = False
