@@ -1,0 +1,659 @@
+"""Customer segmentation over ``marts.customer_features``: candidates, evidence-based selection, readable
+names and profiles.
+
+Pure maths over DataFrames (no database, no MLflow): :func:`segment_customers` returns a
+:class:`SegmentationResult` whose ``candidates`` table has one row per candidate with every metric, so the
+caller can log each as an MLflow child run, and whose ``model`` (:class:`SegmentModel`) assigns new customers.
+
+Why it is built this way:
+
+* **Preprocessing.** Spend and counts are heavily skewed; a signed log1p (or a quantile transform to a
+  normal) then standard scaling keeps a few whales from defining every cluster. NULLs that mean "not
+  applicable" (``avg_days_between_orders`` with one order) get the median; constant columns are dropped.
+* **Every family assigns new customers the same way it was fitted**: each candidate ends as a set of
+  *prototypes* in the transformed space, each prototype mapped to a segment (KMeans: its centroids; Ward and
+  HDBSCAN: the centroid of each cluster of a sample, so the O(n²) fits stay on a sample and the rest is
+  assigned to the nearest centroid; SOM: its nodes, grouped into segments by Ward on the codebook), except the
+  Gaussian mixture, which keeps its own ``predict`` (covariances matter there).
+* **Selection by evidence.** Silhouette on a fixed-size sample (it is O(n²)), Davies–Bouldin and
+  Calinski–Harabasz on all rows, and bootstrap stability (mean adjusted Rand index between the full-data
+  labels and the labels from models refitted on bootstrap resamples). Candidates that are unstable or leave a
+  tiny segment are ineligible; the rest are ranked on the four metrics and the best mean rank wins.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.cluster.hierarchy import fcluster, linkage
+from sklearn.cluster import HDBSCAN, KMeans, MiniBatchKMeans
+from sklearn.impute import SimpleImputer
+from sklearn.metrics import (
+    adjusted_rand_score,
+    calinski_harabasz_score,
+    davies_bouldin_score,
+    silhouette_score,
+)
+from sklearn.mixture import GaussianMixture
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import FunctionTransformer, QuantileTransformer, StandardScaler
+
+from ml.errors import CrmError
+
+# customer_features columns that are not behaviour (ids, dates, text, demographics).
+NON_FEATURE_COLUMNS = frozenset(
+    {"customer_id", "as_of_date", "feature_cutoff_date", "snapshot", "horizon_days", "gender", "country",
+     "acquisition_channel", "age_years", "future_spend", "has_future_purchase"}
+)
+MIN_CUSTOMERS = 20
+MINIBATCH_ABOVE = 50_000  # rows above which KMeans becomes MiniBatchKMeans
+FAMILIES = ("kmeans", "gmm", "ward", "hdbscan", "som")
+
+
+class SegmentationInputError(CrmError):
+    """The customer features cannot be segmented as given (empty, too few customers, no variation, inf)."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Preprocessing
+# ---------------------------------------------------------------------------------------------------------
+def feature_columns(features: pd.DataFrame) -> list[str]:
+    """Numeric behaviour columns of ``customer_features`` that vary (constant and all-NULL columns dropped)."""
+    cols = []
+    for c in features.columns:
+        if c in NON_FEATURE_COLUMNS or not pd.api.types.is_numeric_dtype(features[c]):
+            continue
+        col = features[c]
+        if col.notna().any() and col.nunique(dropna=True) > 1:
+            cols.append(c)
+    return cols
+
+
+def _signed_log1p(x):
+    return np.sign(x) * np.log1p(np.abs(x))
+
+
+def make_preprocessor(transform: str = "log", random_state: int = 0) -> Pipeline:
+    """Median imputation → signed log1p (``"log"``) or quantile-to-normal (``"quantile"``) → standard scaling."""
+    if transform == "log":
+        shape = FunctionTransformer(_signed_log1p, feature_names_out="one-to-one")
+    elif transform == "quantile":
+        shape = QuantileTransformer(output_distribution="normal", n_quantiles=1000, subsample=100_000,
+                                    random_state=random_state)
+    else:
+        raise SegmentationInputError(f"transform must be 'log' or 'quantile', got {transform!r}")
+    return make_pipeline(SimpleImputer(strategy="median"), shape, StandardScaler())
+
+
+def check_features(features: pd.DataFrame, columns: Sequence[str] | None = None) -> list[str]:
+    """Raise :class:`SegmentationInputError` for input that cannot be segmented; return the feature columns."""
+    if features is None or len(features) == 0:
+        raise SegmentationInputError(
+            "customer_features is empty: no customer has a valid order on or before as_of. "
+            "Load orders and run dbt (or choose a later as_of) before segmenting."
+        )
+    if "customer_id" not in features.columns:
+        raise SegmentationInputError("customer_features has no customer_id column; pass the marts.customer_features frame.")
+    if len(features) < MIN_CUSTOMERS:
+        raise SegmentationInputError(
+            f"Segmentation needs at least {MIN_CUSTOMERS} customers, got {len(features)}; "
+            "score a single customer with a fitted SegmentModel.predict instead."
+        )
+    cols = list(columns) if columns is not None else feature_columns(features)
+    missing = [c for c in cols if c not in features.columns]
+    if missing:
+        raise SegmentationInputError(f"customer_features lacks the columns {missing}.")
+    if not cols:
+        raise SegmentationInputError(
+            f"All {len(features)} customers have identical features (every numeric column is constant or NULL): "
+            "there is nothing to segment."
+        )
+    values = features[cols].to_numpy(dtype=float, na_value=np.nan)
+    if np.isinf(values).any():
+        bad = [c for c in cols if np.isinf(features[c].to_numpy(dtype=float, na_value=np.nan)).any()]
+        raise SegmentationInputError(f"customer_features has infinite values in {bad}; fix the upstream model.")
+    if len(np.unique(np.nan_to_num(values, nan=-1.2345e300), axis=0)) < 2:
+        raise SegmentationInputError(f"All {len(features)} customers have identical features: nothing to segment.")
+    return cols
+
+
+def _block_weights(cols: Sequence[str], category_weight: float) -> np.ndarray:
+    is_cat = np.array([c.startswith("category_share_") for c in cols])
+    w = np.ones(len(cols))
+    if is_cat.any():
+        w[is_cat] = np.sqrt(category_weight / is_cat.sum())
+    return w
+
+
+@dataclass
+class BlockWeighted:
+    """A fitted preprocessor followed by fixed per-column weights (the distance metric of the segmentation)."""
+
+    preprocessor: Pipeline
+    weights: np.ndarray
+
+    def transform(self, X) -> np.ndarray:
+        return self.preprocessor.transform(X) * self.weights
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Assignment: prototypes (or a fitted mixture) → segment
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Assigner:
+    """Maps transformed rows to segment labels 0..k-1: nearest prototype, or a fitted mixture's predict."""
+
+    prototypes: np.ndarray | None = None  # (P, d)
+    prototype_label: np.ndarray | None = None  # (P,)
+    mixture: GaussianMixture | None = None
+
+    def assign(self, Z: np.ndarray, chunk: int = 50_000) -> np.ndarray:
+        if self.mixture is not None:
+            return self.mixture.predict(Z)
+        out = np.empty(len(Z), dtype=np.int64)
+        p2 = (self.prototypes**2).sum(axis=1)
+        for start in range(0, len(Z), chunk):  # chunked: the distance matrix of 1M rows would not fit
+            z = Z[start:start + chunk]
+            d = p2[None, :] - 2 * z @ self.prototypes.T
+            out[start:start + chunk] = self.prototype_label[np.argmin(d, axis=1)]
+        return out
+
+    @property
+    def n_segments(self) -> int:
+        if self.mixture is not None:
+            return int(self.mixture.n_components)
+        return int(self.prototype_label.max()) + 1
+
+
+def _centroid_assigner(Z: np.ndarray, labels: np.ndarray) -> Assigner:
+    """Centroids of the labelled rows (labels < 0 = noise, ignored), relabelled 0..k-1."""
+    keep = labels >= 0
+    uniq = np.unique(labels[keep])
+    remap = np.full(labels.max() + 1 if len(uniq) else 1, -1)
+    remap[uniq] = np.arange(len(uniq))
+    lab = remap[labels[keep]]
+    sums = np.zeros((len(uniq), Z.shape[1]))
+    np.add.at(sums, lab, Z[keep])
+    centroids = sums / np.bincount(lab, minlength=len(uniq))[:, None]
+    return Assigner(prototypes=centroids, prototype_label=np.arange(len(uniq)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Candidate families: fit(Z, k, seed) -> Assigner
+# ---------------------------------------------------------------------------------------------------------
+def _fit_kmeans(Z, k, seed, sample_size):
+    if len(Z) > MINIBATCH_ABOVE:
+        km = MiniBatchKMeans(n_clusters=k, batch_size=4096, n_init=3, random_state=seed).fit(Z)
+    else:
+        km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(Z)
+    return Assigner(prototypes=km.cluster_centers_, prototype_label=np.arange(k))
+
+
+def _sample(Z, size, seed):
+    if len(Z) <= size:
+        return Z
+    return Z[np.random.default_rng(seed).choice(len(Z), size, replace=False)]
+
+
+def _fit_gmm(Z, k, seed, sample_size):
+    gm = GaussianMixture(n_components=k, covariance_type="full", n_init=1, reg_covar=1e-3, random_state=seed)
+    return Assigner(mixture=gm.fit(_sample(Z, max(sample_size * 4, 20_000), seed)))
+
+
+def _fit_ward(Z, k, seed, sample_size):
+    S = _sample(Z, sample_size, seed)
+    labels = fcluster(linkage(S, method="ward"), t=k, criterion="maxclust") - 1
+    return _centroid_assigner(S, labels)
+
+
+def _fit_hdbscan(Z, k, seed, sample_size):
+    """k is ignored (HDBSCAN finds its own number of clusters); noise points join the nearest centroid."""
+    S = _sample(Z, sample_size, seed)
+    min_size = max(15, len(S) // 50)
+    labels = HDBSCAN(min_cluster_size=min_size, min_samples=10, copy=True).fit_predict(S)
+    if labels.max() < 1:
+        raise _CandidateFailed(f"HDBSCAN found {labels.max() + 1} cluster(s) on {len(S)} rows")
+    return _centroid_assigner(S, labels)
+
+
+def _som_codebook(Z, seed, sample_size):
+    from minisom import MiniSom
+
+    S = _sample(Z, max(sample_size, 10_000), seed)
+    side = int(np.clip(np.sqrt(5 * np.sqrt(len(S))) / 1.2, 4, 15))  # Vesanto's 5·√n nodes rule of thumb
+    som = MiniSom(side, side, S.shape[1], sigma=max(1.0, side / 3), learning_rate=0.5, random_seed=seed)
+    som.pca_weights_init(S)
+    som.train_batch_offline(S, 50)
+    codebook = som.get_weights().reshape(-1, S.shape[1])
+    # Nodes that never win a row are dropped: they would turn into phantom segments.
+    hits = _nearest(S, codebook)
+    used = np.unique(hits)
+    return codebook[used]
+
+
+def _nearest(Z, P):
+    return np.argmin((P**2).sum(1)[None, :] - 2 * Z @ P.T, axis=1)
+
+
+def _fit_som(Z, k, seed, sample_size, codebook=None):
+    nodes = codebook if codebook is not None else _som_codebook(Z, seed, sample_size)
+    if len(nodes) < k:
+        raise _CandidateFailed(f"SOM has only {len(nodes)} used nodes for k={k}")
+    labels = fcluster(linkage(nodes, method="ward"), t=k, criterion="maxclust") - 1
+    return Assigner(prototypes=nodes, prototype_label=labels)
+
+
+class _CandidateFailed(Exception):
+    """A candidate that cannot produce a segmentation on this data (recorded, not raised to the user)."""
+
+
+_FITTERS: dict[str, Callable] = {
+    "kmeans": _fit_kmeans,
+    "gmm": _fit_gmm,
+    "ward": _fit_ward,
+    "hdbscan": _fit_hdbscan,
+    "som": _fit_som,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The fitted model
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class SegmentModel:
+    """Preprocessor + assigner + segment ids/names: assigns any customer_features row to a segment.
+
+    Segment ids are 1..k ordered by the segments' total spend (1 = most revenue) so ids are stable in meaning.
+    """
+
+    candidate: str
+    feature_columns: list[str]
+    preprocessor: BlockWeighted
+    assigner: Assigner
+    label_to_segment: np.ndarray  # assigner label → segment id
+    segment_names: dict[int, str] = field(default_factory=dict)
+
+    def transform(self, features: pd.DataFrame) -> np.ndarray:
+        missing = [c for c in self.feature_columns if c not in features.columns]
+        if missing:
+            raise SegmentationInputError(f"Cannot assign segments: the frame lacks the feature columns {missing}.")
+        X = features[self.feature_columns].to_numpy(dtype=float, na_value=np.nan)
+        if np.isinf(X).any():
+            raise SegmentationInputError("Cannot assign segments: the features contain infinite values.")
+        return self.preprocessor.transform(pd.DataFrame(X, columns=self.feature_columns))
+
+    def predict(self, features: pd.DataFrame) -> np.ndarray:
+        """Segment id (1..k) of every row; NULL features take the training median."""
+        if len(features) == 0:
+            return np.empty(0, dtype=np.int64)
+        return self.label_to_segment[self.assigner.assign(self.transform(features))]
+
+    def predict_names(self, features: pd.DataFrame) -> np.ndarray:
+        return np.array([self.segment_names.get(int(s), f"Segment {s}") for s in self.predict(features)], dtype=object)
+
+
+@dataclass
+class SegmentationResult:
+    candidates: pd.DataFrame  # one row per candidate: family, k, metrics, eligible, rank_score, selected
+    champion: str
+    model: SegmentModel
+    assignments: pd.DataFrame  # customer_id, segment_id, segment_name
+    profiles: pd.DataFrame  # one row per segment
+    params: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Metrics and selection
+# ---------------------------------------------------------------------------------------------------------
+def clustering_metrics(Z: np.ndarray, labels: np.ndarray, *, silhouette_sample: int = 5000, seed: int = 0) -> dict:
+    """Silhouette (fixed-size sample, fixed seed), Davies–Bouldin, Calinski–Harabasz, segment sizes."""
+    k = len(np.unique(labels))
+    counts = np.bincount(labels)
+    counts = counts[counts > 0]
+    out = {"n_segments": k, "min_segment_share": float(counts.min() / len(labels)) if k else 0.0}
+    if k < 2 or k >= len(Z):
+        return {**out, "silhouette": np.nan, "davies_bouldin": np.nan, "calinski_harabasz": np.nan}
+    n_sil = min(silhouette_sample, len(Z))
+    return {
+        **out,
+        "silhouette": float(silhouette_score(Z, labels, sample_size=n_sil, random_state=seed)),
+        "davies_bouldin": float(davies_bouldin_score(Z, labels)),
+        "calinski_harabasz": float(calinski_harabasz_score(Z, labels)),
+    }
+
+
+def _rank_candidates(table: pd.DataFrame, min_stability: float, min_segment_share: float) -> tuple[pd.Series, pd.Series]:
+    """Rank eligible candidates (stable, no tiny segment, ≥ 2 segments) by silhouette, best = rank 1.
+
+    Davies–Bouldin and Calinski–Harabasz are reported beside it but do not vote: on skewed customer data both
+    reward merging behaviourally different groups into a few big clusters (CH grows with between-cluster
+    spread of the whales, DB with fewer overlapping neighbours), which is the opposite of actionable segments.
+    Ties in silhouette (within 0.005) go to the more stable candidate.
+    """
+    ok = (
+        table["failed"].isna()
+        & (table["n_segments"] >= 2)
+        & (table["stability_ari"] >= min_stability)
+        & (table["min_segment_share"] >= min_segment_share)
+    )
+    if not ok.any():  # nothing passes the floors: rank everything that produced a segmentation
+        ok = table["failed"].isna() & (table["n_segments"] >= 2)
+    sil = (table.loc[ok, "silhouette"] / 0.005).round() * 0.005
+    order = pd.DataFrame({"sil": sil, "stab": table.loc[ok, "stability_ari"]}).sort_values(
+        ["sil", "stab"], ascending=False, kind="stable"
+    )
+    ranks = pd.Series(np.arange(1, len(order) + 1, dtype=float), index=order.index)
+    return ranks.reindex(table.index), ok
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Main entry
+# ---------------------------------------------------------------------------------------------------------
+def segment_customers(
+    features: pd.DataFrame,
+    *,
+    families: Sequence[str] = FAMILIES,
+    k_range: Sequence[int] = range(3, 9),
+    transform: str = "log",
+    columns: Sequence[str] | None = None,
+    category_weight: float = 2.0,
+    category_names: Mapping[int, str] | None = None,
+    silhouette_sample: int = 5000,
+    fit_sample: int = 3000,
+    n_bootstrap: int = 3,
+    min_stability: float = 0.75,
+    min_segment_share: float = 0.02,
+    random_state: int = 0,
+) -> SegmentationResult:
+    """Fit every candidate (family × k), measure it, pick the champion, name and profile its segments.
+
+    ``category_names`` maps the rank of ``category_share_<rank>`` to a category name (``marts.feature_categories``).
+    ``category_weight``: the category_share_* columns together weigh as much as this many other features
+    (each is scaled by √(weight / n_shares)), so eight taste columns do not outvote recency, frequency and spend.
+    ``fit_sample`` bounds the rows of the O(n²) fits (Ward, HDBSCAN) and of the bootstrap refits.
+    """
+    unknown = [f for f in families if f not in _FITTERS]
+    if unknown:
+        raise SegmentationInputError(f"Unknown segmentation families {unknown}; choose from {list(FAMILIES)}.")
+    cols = check_features(features, columns)
+    ks = sorted({int(k) for k in k_range if 2 <= int(k) < len(features)})
+    if not ks:
+        raise SegmentationInputError(f"No usable k in {list(k_range)} for {len(features)} customers (need 2 <= k < n).")
+    X = features[cols].to_numpy(dtype=float, na_value=np.nan)
+    pre = make_preprocessor(transform, random_state).fit(pd.DataFrame(X, columns=cols))
+    pre = BlockWeighted(pre, _block_weights(cols, category_weight))
+    Z = pre.transform(pd.DataFrame(X, columns=cols))
+    rng = np.random.default_rng(random_state)
+    # One fixed evaluation sample for stability (same rows for every candidate), one set of bootstrap draws.
+    eval_idx = rng.choice(len(Z), min(len(Z), silhouette_sample), replace=False)
+    boot = [rng.choice(len(Z), min(len(Z), fit_sample), replace=True) for _ in range(n_bootstrap)]
+
+    rows, assigners = [], {}
+    for family in families:
+        cache = {}
+        if family == "som":  # one map per data set; the k's only change how its nodes are grouped
+            cache["full"] = _som_codebook(Z, random_state, fit_sample)
+            cache["boot"] = [_som_codebook(Z[b], random_state + i + 1, fit_sample) for i, b in enumerate(boot)]
+        for k in (ks if family != "hdbscan" else [0]):
+            name = f"{family}_k{k}" if family != "hdbscan" else "hdbscan"
+            row = {"candidate": name, "family": family, "k": k or np.nan, "failed": None}
+            t0 = time.perf_counter()
+            try:
+                asg = _fit_one(family, Z, k, random_state, fit_sample, cache.get("full"))
+                labels = asg.assign(Z)
+                row["fit_seconds"] = time.perf_counter() - t0
+                row.update(clustering_metrics(Z, labels, silhouette_sample=silhouette_sample, seed=random_state))
+                row["stability_ari"] = _stability(family, Z, k, labels[eval_idx], eval_idx, boot, random_state,
+                                                  fit_sample, cache.get("boot"))
+                assigners[name] = asg
+            except _CandidateFailed as exc:
+                row.update({"fit_seconds": time.perf_counter() - t0, "failed": str(exc), "n_segments": 0,
+                            "min_segment_share": 0.0, "silhouette": np.nan, "davies_bouldin": np.nan,
+                            "calinski_harabasz": np.nan, "stability_ari": np.nan})
+            rows.append(row)
+    table = pd.DataFrame(rows).set_index("candidate")
+    table["rank_score"], table["eligible"] = _rank_candidates(table, min_stability, min_segment_share)
+    if table["rank_score"].notna().sum() == 0:
+        raise SegmentationInputError(
+            "No segmentation candidate produced two or more segments: the customers are too alike to segment "
+            f"({len(features)} customers, features {cols})."
+        )
+    champion = str(table["rank_score"].idxmin())
+    table["selected"] = table.index == champion
+
+    asg = assigners[champion]
+    labels = asg.assign(Z)
+    label_to_segment = _order_by_revenue(labels, features, asg.n_segments)
+    segment_ids = label_to_segment[labels]
+    profiles = segment_profiles(features, segment_ids, category_names=category_names)
+    names = dict(zip(profiles["segment_id"].astype(int), profiles["segment_name"], strict=True))
+    model = SegmentModel(champion, cols, pre, asg, label_to_segment, names)
+    assignments = pd.DataFrame(
+        {"customer_id": features["customer_id"].to_numpy(), "segment_id": segment_ids,
+         "segment_name": [names[int(s)] for s in segment_ids]}
+    )
+    params = {"transform": transform, "category_weight": category_weight, "families": ",".join(families), "k_min": min(ks), "k_max": max(ks),
+              "silhouette_sample": silhouette_sample, "fit_sample": fit_sample, "n_bootstrap": n_bootstrap,
+              "min_stability": min_stability, "min_segment_share": min_segment_share, "n_customers": len(features),
+              "n_features": len(cols), "random_state": random_state}
+    return SegmentationResult(table.reset_index(), champion, model, assignments, profiles, params)
+
+
+def _fit_one(family, Z, k, seed, fit_sample, codebook=None) -> Assigner:
+    if family == "som":
+        return _fit_som(Z, k, seed, fit_sample, codebook)
+    return _FITTERS[family](Z, k, seed, fit_sample)
+
+
+def _stability(family, Z, k, ref_labels, eval_idx, boot, seed, fit_sample, codebooks) -> float:
+    """Mean ARI between the candidate's labels on the evaluation rows and those of bootstrap refits."""
+    scores = []
+    for i, b in enumerate(boot):
+        try:
+            asg = _fit_one(family, Z[b], k, seed + i + 1, fit_sample, codebooks[i] if codebooks else None)
+        except _CandidateFailed:
+            scores.append(0.0)
+            continue
+        scores.append(adjusted_rand_score(ref_labels, asg.assign(Z[eval_idx])))
+    return float(np.mean(scores)) if scores else np.nan
+
+
+def _order_by_revenue(labels: np.ndarray, features: pd.DataFrame, k: int) -> np.ndarray:
+    """assigner label → segment id 1..k, 1 = the segment with the largest total net spend."""
+    spend = features["net_spend"].to_numpy(dtype=float, na_value=0.0) if "net_spend" in features.columns else np.ones(len(labels))
+    totals = np.bincount(labels, weights=np.nan_to_num(spend), minlength=k)
+    order = np.argsort(-totals, kind="stable")
+    mapping = np.empty(k, dtype=np.int64)
+    mapping[order] = np.arange(1, k + 1)
+    return mapping
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Profiles and names
+# ---------------------------------------------------------------------------------------------------------
+def segment_profiles(
+    features: pd.DataFrame, segment_ids: np.ndarray, *, category_names: Mapping[int, str] | None = None
+) -> pd.DataFrame:
+    """One row per segment: size, share, revenue share, mean recency/frequency/monetary, levels, top
+    categories and a readable name derived from those (see :func:`name_segment`)."""
+    f = features.assign(segment_id=np.asarray(segment_ids))
+    n = len(f)
+    pct = pd.DataFrame(
+        {
+            # Percentile ranks in the population: 1 = most recent / most orders / most spend / longest tenure.
+            "r": (-_col(f, "recency_days")).rank(pct=True),
+            "f": _col(f, "n_orders").rank(pct=True),
+            "m": _col(f, "net_spend").rank(pct=True),
+            "t": _col(f, "tenure_days").rank(pct=True),
+            "segment_id": f["segment_id"],
+        }
+    ).groupby("segment_id").mean()
+    share_cols = sorted((c for c in f.columns if c.startswith("category_share_")), key=lambda c: int(c.rsplit("_", 1)[1]))
+    spend = _col(f, "net_spend").fillna(0.0)
+    total_spend = spend.sum()
+    g = f.groupby("segment_id")
+    prof = pd.DataFrame(
+        {
+            "n_customers": g.size(),
+            "revenue": spend.groupby(f["segment_id"]).sum(),
+            "mean_recency_days": _col(f, "recency_days").groupby(f["segment_id"]).mean(),
+            "mean_n_orders": _col(f, "n_orders").groupby(f["segment_id"]).mean(),
+            "mean_net_spend": spend.groupby(f["segment_id"]).mean(),
+            "mean_avg_order_value": _col(f, "avg_order_value").groupby(f["segment_id"]).mean(),
+            "mean_tenure_days": _col(f, "tenure_days").groupby(f["segment_id"]).mean(),
+        }
+    )
+    prof["share"] = prof["n_customers"] / n
+    prof["revenue_share"] = prof["revenue"] / total_spend if total_spend else np.nan
+    prof["recency_level"] = pct["r"].map(_level)
+    prof["frequency_level"] = pct["f"].map(_level)
+    prof["monetary_level"] = pct["m"].map(_level)
+    prof["tenure_level"] = pct["t"].map(_level)
+    top_cats, top_lift = [], []
+    if share_cols:
+        seg_share = g[share_cols].mean()
+        pop_share = f[share_cols].mean()
+        lift = seg_share / pop_share.replace(0, np.nan)
+        for sid in prof.index:
+            order = seg_share.loc[sid].sort_values(ascending=False)
+            order = order[order > 0]
+            top_cats.append(", ".join(_cat_name(c, category_names) for c in order.index[:3]))
+            best = lift.loc[sid].idxmax() if lift.loc[sid].notna().any() else None
+            top_lift.append((_cat_name(best, category_names), float(lift.loc[sid, best])) if best else (None, 0.0))
+    else:
+        top_cats = [""] * len(prof)
+        top_lift = [(None, 0.0)] * len(prof)
+    prof["top_categories"] = top_cats
+    prof["segment_name"] = [
+        name_segment(r, f_, m, t, cat if lf >= 1.5 else None)
+        for r, f_, m, t, (cat, lf) in zip(pct["r"], pct["f"], pct["m"], pct["t"], top_lift, strict=True)
+    ]
+    prof["segment_name"] = _deduplicate(prof["segment_name"].tolist(), prof)
+    prof = prof.reset_index().sort_values("segment_id", ignore_index=True)
+    return prof[["segment_id", "segment_name", "n_customers", "share", "revenue", "revenue_share",
+                 "mean_recency_days", "mean_n_orders", "mean_net_spend", "mean_avg_order_value", "mean_tenure_days",
+                 "recency_level", "frequency_level", "monetary_level", "tenure_level", "top_categories"]]
+
+
+def _col(f: pd.DataFrame, name: str) -> pd.Series:
+    if name in f.columns:
+        return pd.to_numeric(f[name], errors="coerce").astype(float)
+    return pd.Series(np.nan, index=f.index)
+
+
+def _level(p: float) -> str:
+    if not np.isfinite(p):
+        return "mid"
+    return "high" if p >= 0.6 else ("low" if p <= 0.4 else "mid")
+
+
+def _cat_name(col: str | None, names: Mapping[int, str] | None) -> str | None:
+    if col is None:
+        return None
+    rank = int(col.rsplit("_", 1)[1])
+    return (names or {}).get(rank, f"category {rank}")
+
+
+def name_segment(r: float, f: float, m: float, t: float, category: str | None = None) -> str:
+    """A marketer's name from the segment's mean population percentiles of recency (1 = most recent),
+    frequency, monetary and tenure, plus its over-represented category (lift ≥ 1.5) when there is one."""
+    R, F, M, T = _level(r), _level(f), _level(m), _level(t)
+    if R == "low":
+        base = {"high": "Lapsed big spenders", "mid": "Lapsed occasional buyers", "low": "Lapsed low spenders"}[M]
+        if M == "high" and F == "high":
+            base = "Lapsed loyal high-value"
+    elif T == "low" and F != "high":
+        base = {"high": "New big spenders", "mid": "New promising", "low": "New low spenders"}[M]
+    elif M == "high" and F == "high":
+        base = "High-value loyal" if R == "high" else "High-value fading"
+    elif M == "high":
+        base = "Big spenders"
+    elif F == "high":
+        base = "Loyal regulars"
+    elif M == "low":
+        base = "Recent low spenders" if R == "high" else "Occasional low spenders"
+    else:
+        base = "Active mid spenders" if R == "high" else "Occasional mid spenders"
+    return f"{base} · {category}" if category else base
+
+
+def _deduplicate(names: list[str], prof: pd.DataFrame) -> list[str]:
+    """Segments with the same name get their top category appended, then a rank (1 = more revenue)."""
+    out = list(names)
+    counts = pd.Series(out).value_counts()
+    for name in counts[counts > 1].index:
+        idx = [i for i, n in enumerate(out) if n == name]
+        for i in idx:
+            top = (prof["top_categories"].iloc[i] or "").split(", ")[0]
+            if top and "·" not in name:
+                out[i] = f"{name} · {top}"
+        if len({out[i] for i in idx}) < len(idx):
+            for rank, i in enumerate(idx, start=1):
+                out[i] = f"{name} #{rank}"
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_k_selection(candidates: pd.DataFrame, path: str | Path) -> Path:
+    """Silhouette, Davies–Bouldin, Calinski–Harabasz and stability against k, one line per family."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    ok = candidates[candidates["failed"].isna()]
+    for ax, metric in zip(axes, ["silhouette", "davies_bouldin", "calinski_harabasz", "stability_ari"], strict=True):
+        for family, part in ok.groupby("family"):
+            part = part.sort_values("n_segments")
+            x = part["k"].where(part["k"].notna(), part["n_segments"])
+            ax.plot(x, part[metric], marker="o", ls="-" if len(part) > 1 else "none", label=family)
+        chosen = ok[ok["selected"]]
+        if len(chosen):
+            cx = chosen["k"].where(chosen["k"].notna(), chosen["n_segments"])
+            ax.scatter(cx, chosen[metric], s=150, facecolors="none", edgecolors="red", zorder=5)
+        ax.set_title(metric)
+        ax.set_xlabel("k")
+    axes[0].legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_segment_profiles(features: pd.DataFrame, assignments: pd.DataFrame, path: str | Path,
+                          columns: Sequence[str] | None = None) -> Path:
+    """Heatmap of each segment's mean feature, as a z-score against the population (columns ≤ 16)."""
+    plt = _plt()
+    cols = list(columns) if columns is not None else feature_columns(features)[:16]
+    f = features[cols].astype(float)
+    z = (f - f.mean()) / f.std(ddof=0).replace(0, np.nan)
+    seg = assignments.set_index("customer_id").loc[features["customer_id"], ["segment_id", "segment_name"]]
+    table = z.assign(segment=(seg["segment_id"].astype(str) + " " + seg["segment_name"]).to_numpy()).groupby("segment").mean()
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * len(cols), 1 + 0.5 * len(table)))
+    im = ax.imshow(table.to_numpy(), cmap="RdBu_r", vmin=-2, vmax=2, aspect="auto")
+    ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(table)), table.index, fontsize=8)
+    fig.colorbar(im, ax=ax, label="z-score vs population")
+    ax.set_title("Segment profiles")
+    return _save(fig, path)
+
+
+def _save(fig, path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
