@@ -228,3 +228,35 @@ def test_unknown_header_is_refused_before_touching_the_warehouse(warehouse, tmp_
             load_online_retail(conn, path)
         assert "Customer ID" in str(err.value)
         assert table_counts(conn) == before
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The shared parsing rules, without a database
+# ---------------------------------------------------------------------------------------------------------
+def test_decode_lines_numbers_file_lines_and_skips_blank_ones():
+    from ml.ingest.parsing import decode_lines
+
+    lines = decode_lines(b"\xef\xbb\xbfa,b\r\n1,2\r\n\r\n   \n3,4\n")
+    assert lines.header == "a,b" and lines.encoding == "utf-8"
+    assert lines.data["line_no"].tolist() == [2, 5] and lines.data["text"].tolist() == ["1,2", "3,4"]
+    assert lines.lines_read == 2
+
+    legacy = decode_lines("h\n\u00a340 caf\u00e9\n".encode("cp1252") + b"\x81 undefined in cp1252\n")
+    assert legacy.encoding == "latin-1" and legacy.rejected.empty
+    assert legacy.data["text"].tolist() == ["\u00a340 caf\u00e9", "\x81 undefined in cp1252"]
+
+
+def test_slash_dates_are_read_day_first_only_when_the_file_proves_it():
+    from ml.ingest.parsing import Problems, parse_timestamp
+
+    us = pd.Series(["12/1/2010 8:26", "1/12/2011 17:05", "12/13/2011 9:00:30"], dtype="str")
+    eu = pd.Series(["01/12/2010 08:26", "13/01/2011 17:05", "nonsense"], dtype="str")
+    problems = Problems(3)
+    assert parse_timestamp(us, "d", problems).tolist() == [
+        pd.Timestamp("2010-12-01 08:26"), pd.Timestamp("2011-01-12 17:05"), pd.Timestamp("2011-12-13 09:00:30")
+    ]
+    assert not problems.bad.any()
+    problems = Problems(3)
+    parsed = parse_timestamp(eu, "d", problems)
+    assert parsed.tolist()[:2] == [pd.Timestamp("2010-12-01 08:26"), pd.Timestamp("2011-01-13 17:05")]
+    assert problems.reasons().tolist() == ["", "", "d 'nonsense' is not a date"]

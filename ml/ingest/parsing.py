@@ -90,11 +90,12 @@ class Lines:
 def decode_lines(data: bytes, *, has_header: bool = True) -> Lines:
     """Decode bytes robustly and number the lines.
 
-    UTF-8 when the file is UTF-8. A file whose non-ASCII lines are mostly not UTF-8 is a legacy 8-bit file
-    (the UCI Online Retail file was published as Windows-1252/Latin-1): it is decoded as cp1252, or
-    Latin-1 when it holds bytes cp1252 leaves undefined. A UTF-8 file with a few corrupt lines keeps its
-    good lines and quarantines the corrupt ones ("invalid UTF-8 bytes"): guessing a second encoding for a
-    single line would load mojibake silently. Blank lines carry no data and are neither read nor counted.
+    UTF-8 when the file is UTF-8. A file none of whose non-ASCII lines is valid UTF-8 is a legacy 8-bit
+    file (the UCI Online Retail file was published as Windows-1252/Latin-1): it is decoded as cp1252, or
+    Latin-1 when it holds bytes cp1252 leaves undefined. A file with at least one valid multi-byte UTF-8
+    line was written as UTF-8 (legacy text is practically never valid UTF-8 by accident), so its lines that
+    are not are corrupt: they are quarantined ("invalid UTF-8 bytes") rather than guessed at, which would
+    load mojibake silently. Blank lines carry no data and are neither read nor counted.
     """
     if data.startswith(_UTF8_BOM):
         data = data[len(_UTF8_BOM) :]
@@ -118,12 +119,12 @@ def decode_lines(data: bytes, *, has_header: bool = True) -> Lines:
             raise InputFileError(f"the header line is not valid text: {bad_lines[0]!r}")
     line_no = np.arange(start + 1, len(physical) + 1, dtype=np.int64)
     texts = pd.Series(physical[start:], dtype="str")
-    keep = texts.str.strip().ne("").to_numpy()
+    keep = texts.str.strip().ne("").to_numpy(dtype=bool, copy=True)
     rejected = empty_rejected()
     if bad_lines:
         bad_idx = np.fromiter((i for i in bad_lines if i >= start), dtype=np.int64)
         is_bad = np.isin(np.arange(start, len(physical)), bad_idx)
-        keep &= ~is_bad
+        keep = keep & ~is_bad
         rejected = pd.DataFrame(
             {
                 "line_no": bad_idx + 1,
@@ -150,7 +151,7 @@ def _decode_imperfect(data: bytes) -> tuple[str, str, dict[int, str]]:
             chunk.decode("utf-8")
         except UnicodeDecodeError:
             invalid[int(i)] = chunk.rstrip(b"\r").decode("utf-8", errors="backslashreplace")
-    if len(suspects) - len(invalid) > len(invalid):
+    if len(suspects) > len(invalid):  # some non-ASCII line is valid UTF-8: the file is UTF-8
         return data.decode("utf-8", errors="replace"), "utf-8", invalid
     try:
         return data.decode("cp1252"), "cp1252", {}
@@ -374,9 +375,11 @@ def load_prepared(
         def fill(batch) -> None:
             data = prepared if prepared is not None else prepare(path)
             batch.report.lines_read = data.lines_read
-            for table, frame in data.tables.items():
-                batch.copy(table, frame)
+            tables = iter(data.tables.items())
+            batch.copy(*next(tables))  # the primary table, then its rejects, then the tables derived from it
             batch.quarantine(data.rejected.assign(target_table=primary_table))
+            for table, frame in tables:
+                batch.copy(table, frame)
 
         return load_atomically(
             conn,
