@@ -75,7 +75,7 @@ def prepare_cdnow(path: Path) -> PreparedLoad:
         expected = [normalise_name(c) for c in COLUMNS]
         if names != expected:
             raise InputFileError(
-                f"{path}: unknown header {lines.header!r}: expected the CDNOW columns {','.join(COLUMNS)} "
+                f"{path}: unknown header {(lines.header or '')[:200]!r}: expected the CDNOW columns {','.join(COLUMNS)} "
                 "(or the original whitespace-separated CDNOW_master.txt without a header)"
             )
         split, malformed = split_fields(lines.data, list(COLUMNS))

@@ -97,7 +97,7 @@ def match_header(names: list[str], where: Path | str) -> tuple[list[int], str]:
         found = [i for i, n in enumerate(normalised) if n in _SYNONYMS[name]]
         if not found:
             raise InputFileError(
-                f"{where}: unknown header {','.join(names)!r}: expected the Online Retail columns "
+                f"{where}: unknown header {','.join(names)[:200]!r}: expected the Online Retail columns "
                 f"{','.join(UCI_COLUMNS)} or the Online Retail II columns {','.join(II_COLUMNS)}"
             )
         positions.append(found[0])
