@@ -18,26 +18,34 @@ feature_rows as (
     from {{ ref('customer_features') }}
 ),
 
+cutoffs as (
+    select distinct
+        customer_id,
+        feature_cutoff_date
+    from feature_rows
+),
+
 recomputed as (
     select
-        feature_rows.customer_id,
-        feature_rows.feature_cutoff_date,
+        cutoffs.customer_id,
+        cutoffs.feature_cutoff_date,
         count(*) filter (where orders.is_purchase) as n_orders,
         coalesce(sum(orders.gross_revenue), 0) as gross_spend,
-        feature_rows.feature_cutoff_date - max(orders.order_date) filter (where orders.is_purchase) as recency_days,
-        feature_rows.feature_cutoff_date - min(orders.order_date) filter (where orders.is_purchase) as tenure_days
-    from feature_rows
+        cutoffs.feature_cutoff_date - max(orders.order_date) filter (where orders.is_purchase) as recency_days,
+        cutoffs.feature_cutoff_date - min(orders.order_date) filter (where orders.is_purchase) as tenure_days
+    from cutoffs
     left join orders
-        on feature_rows.customer_id = orders.customer_id
-        and orders.order_date <= feature_rows.feature_cutoff_date
+        on cutoffs.customer_id = orders.customer_id
+        and orders.order_date <= cutoffs.feature_cutoff_date
     group by
-        feature_rows.customer_id,
-        feature_rows.feature_cutoff_date
+        cutoffs.customer_id,
+        cutoffs.feature_cutoff_date
 )
 
 select
     feature_rows.*,
     recomputed.n_orders as expected_n_orders,
+    recomputed.recency_days as expected_recency_days,
     recomputed.gross_spend as expected_gross_spend
 from feature_rows
 inner join recomputed

@@ -1,6 +1,7 @@
 -- One row: the point in time of every customer mart, the label horizon and the number of training snapshots.
--- as_of defaults to the latest valid order date. "Valid" also means not a stray future-dated outlier: past the
--- 99th percentile of order dates, the first gap longer than `max_order_date_gap_days` ends the data.
+-- as_of defaults to the latest valid order date. Orders timestamped after their own load are already gone
+-- (future_dated); orders a clock error put into a later but already past date are sparse, so "valid" also
+-- means: the trailing 7 days up to that date hold at least `min_tail_week_share` of a typical week's orders.
 with
 
 orders as (
@@ -9,36 +10,48 @@ orders as (
       and is_purchase
 ),
 
-order_dates as (
-    select distinct order_date from orders
-),
-
-late_threshold as (
-    select percentile_disc(0.99) within group (order by order_date) as p99_order_date
-    from orders
-),
-
-late_dates as (
+daily_orders as (
     select
-        order_dates.order_date,
-        order_dates.order_date - lag(order_dates.order_date) over (order by order_dates.order_date) as gap_days
-    from order_dates
-    cross join late_threshold
-    where order_dates.order_date >= late_threshold.p99_order_date
+        order_date,
+        count(*) as n_orders
+    from orders
+    group by order_date
 ),
 
-first_outlier as (
-    select min(order_date) as first_outlier_date
-    from late_dates
-    where gap_days > {{ var('max_order_date_gap_days') }}
+typical_week as (
+    -- orders per 7 days over the central 98% of the order dates
+    select
+        7.0 * count(*) / greatest(max(order_date) - min(order_date) + 1, 1) as n_orders_per_week
+    from (
+        select
+            order_date,
+            percent_rank() over (order by order_date) as date_rank
+        from orders
+    ) as ranked
+    where date_rank between 0.01 and 0.99
+),
+
+trailing_weeks as (
+    select
+        daily_orders.order_date,
+        sum(daily_orders.n_orders) over (
+            order by daily_orders.order_date
+            range between interval '6 days' preceding and current row
+        ) as n_orders_trailing_week
+    from daily_orders
 ),
 
 data_as_of as (
-    select max(order_dates.order_date) as latest_valid_order_date
-    from order_dates
-    cross join first_outlier
-    where first_outlier.first_outlier_date is null
-       or order_dates.order_date < first_outlier.first_outlier_date
+    select
+        coalesce(
+            max(trailing_weeks.order_date) filter (
+                where trailing_weeks.n_orders_trailing_week
+                    >= {{ var('min_tail_week_share') }} * typical_week.n_orders_per_week
+            ),
+            max(trailing_weeks.order_date)
+        ) as latest_valid_order_date
+    from trailing_weeks
+    cross join typical_week
 ),
 
 final as (

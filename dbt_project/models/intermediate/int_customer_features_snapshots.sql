@@ -1,4 +1,3 @@
-{{ config(materialized='table') }}
 -- One row per customer × snapshot: the behavioural features computed from data dated on or before the
 -- snapshot's cut-off only. Snapshot 0 is the scoring cut-off (as_of); snapshots 1..training_snapshots are
 -- the training cut-offs as_of - k * horizon_days. Every feature mart reads this one model, so training and

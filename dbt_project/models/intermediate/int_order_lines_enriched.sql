@@ -35,6 +35,7 @@ joined as (
         case
             when order_lines.product_id is null then 'missing_product'
             when order_lines.is_missing_amount then 'missing_quantity_or_price'
+            when order_lines.unit_price < 0 then 'negative_price'
             else orders.exclusion_reason
         end as exclusion_reason,
         greatest(order_lines._loaded_at, orders._source_loaded_at, products._loaded_at) as _source_loaded_at

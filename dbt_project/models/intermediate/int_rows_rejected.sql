@@ -110,7 +110,7 @@ line_flags as (
         'excluded' as action,
         1::bigint as n_rows
     from {{ ref('int_order_lines_enriched') }}
-    where exclusion_reason in ('missing_product', 'missing_quantity_or_price')
+    where exclusion_reason in ('missing_product', 'missing_quantity_or_price', 'negative_price')
 ),
 
 orphan_lines as (

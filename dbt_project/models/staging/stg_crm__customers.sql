@@ -15,16 +15,23 @@ cleaned as (
             when upper(trim(gender)) in ('F', 'FEMALE', 'WOMAN', 'W', 'FEMME') then 'F'
             else 'U'
         end as gender,
+        -- 1900-01-01 is a placeholder, and nobody under 10 shops on their own account
         case
-            when birth_date between date '1900-01-01' and current_date then birth_date
+            when birth_date > date '1900-01-01'
+             and birth_date <= (_loaded_at::date - interval '10 years')::date then birth_date
         end as birth_date,
         nullif(upper(trim(country)), '') as country,
         nullif(trim(city), '') as city,
         signup_at,
         nullif(lower(trim(acquisition_channel)), '') as acquisition_channel,
-        coalesce(is_test_account, false) as is_test_account,
+        coalesce(is_test_account, false)
+            or split_part(lower(trim(email)), '@', 2) in (
+                {%- for domain in var('test_email_domains') %}'{{ domain | lower }}'{{ ", " if not loop.last }}{% endfor -%}
+            ) as is_test_account,
         coalesce(trim(email) ~* '^[^@[:space:]]+@[^@[:space:]]+\.[a-z]{2,}$', false) as is_valid_email,
-        coalesce(birth_date not between date '1900-01-01' and current_date, false) as is_birth_date_invalid,
+        coalesce(
+            birth_date <= date '1900-01-01' or birth_date > (_loaded_at::date - interval '10 years')::date, false
+        ) as is_birth_date_invalid,
         _batch_id,
         _loaded_at
     from source
