@@ -182,6 +182,9 @@ class FrequentItemsets(BaseEstimator):
         count = min_count(self.min_support, n)
         item_counts = np.bincount(np.concatenate([np.asarray(t, dtype=np.int64) for t in tx]), minlength=len(items))
         zmax = self.max_len if self.max_len is not None else -1
+        # pyfim reports nothing when an item is in *every* transaction (e.g. one-item data); one empty
+        # transaction avoids that and changes no absolute count (supports below divide by the real n)
+        tx = [*tx, []]
         if item_counts.max() < count:
             best = int(item_counts.max())
             raise NoFrequentItemsets(

@@ -61,10 +61,9 @@ def evaluate_recommender(
 def score_recommendations(recs: pd.DataFrame, targets: pd.Series, k: int, n_catalogue: int) -> dict[str, float]:
     """Metrics of ranked recommendations (customer_id, rank, product_id) against target sets."""
     recs = recs[recs["rank"] <= k]
-    truth = targets.apply(list).explode().rename("product_id").reset_index()
-    truth["customer_id"] = truth["customer_id"].astype(str)
-    truth["product_id"] = truth["product_id"].astype(str)
-    truth["is_target"] = True
+    exploded = targets.apply(list).explode()
+    truth = pd.DataFrame({"customer_id": exploded.index.astype(str), "product_id": exploded.astype(str).to_numpy(),
+                          "is_target": True})
     joined = recs.astype({"customer_id": "str", "product_id": "str"}).merge(
         truth, on=["customer_id", "product_id"], how="left")
     hit = joined["is_target"].fillna(False).astype(bool).to_numpy()

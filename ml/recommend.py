@@ -23,8 +23,6 @@ reason and with ``method='popularity'``.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -644,7 +642,7 @@ class ContentRecommender(BaseRecommender):
             text = table[text_col].fillna("").astype(str).to_numpy()
             try:
                 vec = TfidfVectorizer(min_df=min(self.min_df, len(text)), stop_words="english",
-                                      token_pattern=r"(?u)\b[a-zA-Z][a-zA-Z]+\b")
+                                      token_pattern=r"(?u)\b[a-zA-Z][a-zA-Z]+\b")  # noqa: S106 - a regex
                 blocks.append(self.text_weight * vec.fit_transform(text))
                 self.vocabulary_size_ = len(vec.vocabulary_)
             except ValueError:  # no usable words at all

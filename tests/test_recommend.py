@@ -1,0 +1,174 @@
+"""Recommenders and the one evaluation protocol, on UCI Online Retail (slice and full file)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from helpers_online_retail import load_online_retail, products_from_lines
+
+from ml.evaluation import evaluate_recommender, score_recommendations
+from ml.recommend import (
+    OUTPUT_COLUMNS,
+    ContentRecommender,
+    HybridRecommender,
+    ItemKNNRecommender,
+    PopularityRecommender,
+    RecommenderError,
+    RuleRecommender,
+    UserKNNRecommender,
+    holdout_last_order,
+)
+
+
+@pytest.fixture(scope="module")
+def full():
+    lines = load_online_retail()
+    return lines, products_from_lines(lines)
+
+
+@pytest.fixture(scope="module")
+def sliced():
+    lines = load_online_retail(n_invoices=4000)
+    return lines, products_from_lines(lines)
+
+
+MODELS = {
+    "popularity": lambda: PopularityRecommender(),
+    "rules": lambda: RuleRecommender(min_support=0.01),
+    "item_knn_bm25": lambda: ItemKNNRecommender(weighting="bm25", k=50),
+    "item_knn_cosine": lambda: ItemKNNRecommender(weighting="cosine", k=50, half_life_days=30),
+    "user_knn": lambda: UserKNNRecommender(k=20),
+    "content": lambda: ContentRecommender(),
+}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_recommender_ranks_unbought_items_with_reasons(sliced, name):
+    lines, products = sliced
+    model = MODELS[name]().fit(lines, products)
+    customers = lines["customer_id"].drop_duplicates().iloc[:40].tolist()
+    recs = model.recommend(customers, n=10)
+    assert list(recs.columns) == OUTPUT_COLUMNS
+    assert recs.groupby("customer_id")["rank"].apply(list).map(lambda r: r == list(range(1, 11))).all()
+    assert set(recs["customer_id"]) == set(customers)
+    bought = set(map(tuple, lines[["customer_id", "product_id"]].to_numpy()))
+    assert not any((c, p) in bought for c, p in recs[["customer_id", "product_id"]].to_numpy())
+    assert recs["reason"].str.len().gt(10).all()
+    assert set(recs["method"]) <= {model.method, "popularity"}
+    assert (recs["method"] == model.method).mean() > 0.5
+    # scores are non-increasing within each customer
+    assert recs.groupby("customer_id")["score"].apply(lambda s: (np.diff(s.to_numpy()) <= 1e-12).all()).all()
+
+
+def test_reasons_name_what_the_customer_bought(sliced):
+    lines, products = sliced
+    model = ItemKNNRecommender(k=50).fit(lines, products)
+    customer = lines["customer_id"].iloc[0]
+    recs = model.recommend([customer], n=5)
+    names = set(lines.loc[lines["customer_id"] == customer, "product_name"])
+    first = recs["reason"].iloc[0]
+    assert first.startswith("similar to ")
+    assert any(name in first for name in names)
+    rules = RuleRecommender(min_support=0.01).fit(lines, products)
+    by_rule = rules.recommend(lines["customer_id"].unique()[:200], n=10)
+    fired = by_rule[by_rule["method"] == "rules"]
+    assert len(fired) and fired["reason"].str.match(r"bought together with .+ in \d+% of baskets \(lift").all()
+
+
+def test_unknown_customer_and_request_time_basket(sliced):
+    lines, products = sliced
+    model = HybridRecommender(weights={"popularity_recent": 1.0, "item_knn": 1.0, "content": 0.5, "rules": 1.0,
+                                       "user_knn": 0.5}).fit(lines, products)
+    cold = model.recommend(["no-such-customer"], n=5)
+    assert (cold["reason"] == "popular item (no history)").all() and len(cold) == 5
+    pop = PopularityRecommender().fit(lines)
+    assert cold["product_id"].tolist() == pop.recommend(["no-such-customer"], n=5)["product_id"].tolist()
+
+    basket = lines.loc[lines["basket_id"] == lines["basket_id"].iloc[0], "product_id"].tolist()
+    recs = model.recommend_for_basket(basket, n=10)
+    assert len(recs) == 10 and not set(recs["product_id"]) & set(basket)
+    assert (recs["method"] == "hybrid").all()
+    # a known customer at request time: neither the basket nor their history comes back
+    customer = lines["customer_id"].iloc[-1]
+    recs = model.recommend_for_basket(basket[:1], customer_id=customer, n=10)
+    history = set(lines.loc[lines["customer_id"] == customer, "product_id"])
+    assert not set(recs["product_id"]) & (history | set(basket[:1]))
+    unknown_only = model.recommend_for_basket(["NOT-A-PRODUCT"], n=3)
+    assert (unknown_only["reason"] == "popular item (no history)").all()
+
+
+def test_content_based_reaches_items_nobody_bought(sliced):
+    lines, products = sliced
+    new_item = pd.DataFrame({"product_id": ["NEW1"], "product_name": ["WHITE HANGING HEART T-LIGHT HOLDER DELUXE"],
+                             "category": ["holder"], "price_band": ["mid"], "list_price": [3.0]})
+    model = ContentRecommender().fit(lines, pd.concat([products, new_item], ignore_index=True))
+    fans = lines.loc[lines["product_name"].str.contains("T-LIGHT HOLDER"), "customer_id"].unique()
+    recs = model.recommend(fans, n=10)
+    assert "NEW1" in set(recs["product_id"])
+    assert recs.loc[recs["product_id"] == "NEW1", "reason"].str.startswith("like ").all()
+
+
+def test_bad_input(sliced):
+    lines, _ = sliced
+    with pytest.raises(RecommenderError, match="empty"):
+        PopularityRecommender().fit(lines.iloc[:0])
+    with pytest.raises(RecommenderError, match="missing"):
+        PopularityRecommender().fit(lines.drop(columns=["basket_id"]))
+    with pytest.raises(RecommenderError, match="not fitted"):
+        ItemKNNRecommender().recommend(["x"])
+    with pytest.raises(RecommenderError, match="product attributes"):
+        ContentRecommender().fit(lines[["basket_id", "customer_id", "product_id", "ordered_at"]])
+    # one product only: still a ranked answer for the customer who has not bought it
+    one = pd.DataFrame({"basket_id": ["a", "b"], "customer_id": ["1", "2"], "product_id": ["P", "P"]})
+    assert ItemKNNRecommender().fit(one).recommend(["1"]).empty
+    assert RuleRecommender().fit(one).recommend(["3"])["product_id"].tolist() == ["P"]
+
+
+def test_metrics_by_hand():
+    targets = pd.Series({"a": frozenset({"x", "y"}), "b": frozenset({"z"})})
+    recs = pd.DataFrame({"customer_id": ["a", "a", "a", "b", "b", "b"], "rank": [1, 2, 3, 1, 2, 3],
+                         "product_id": ["q", "x", "y", "q", "r", "s"]})
+    m = score_recommendations(recs, targets, k=3, n_catalogue=10)
+    assert m["hit_rate_at_3"] == 0.5
+    assert m["precision_at_3"] == pytest.approx((2 / 3 + 0) / 2)
+    assert m["recall_at_3"] == pytest.approx((1 + 0) / 2)
+    dcg = 1 / np.log2(3) + 1 / np.log2(4)
+    assert m["ndcg_at_3"] == pytest.approx((dcg / (1 + 1 / np.log2(3))) / 2)
+    assert m["catalogue_coverage"] == pytest.approx(0.5)
+
+
+def test_holdout_hides_the_last_order_and_keeps_only_new_items():
+    lines = pd.DataFrame({
+        "basket_id": ["o1", "o1", "o2", "o2", "o3", "o4", "o5"],
+        "customer_id": ["a", "a", "a", "a", "b", "c", "c"],
+        "product_id": ["x", "y", "x", "z", "x", "x", "x"],
+        "ordered_at": pd.to_datetime(["2020-01-01"] * 2 + ["2020-02-01"] * 2 + ["2020-01-05", "2020-01-01",
+                                                                            "2020-03-01"]),
+    })
+    history, targets = holdout_last_order(lines)
+    assert targets.to_dict() == {"a": frozenset({"z"})}  # b: one order; c: nothing new in its last order
+    assert set(history["basket_id"]) == {"o1", "o3", "o4"}
+
+
+def test_online_retail_protocol_popularity_baseline(full):
+    lines, products = full
+    m = evaluate_recommender(PopularityRecommender(), lines, products=products)
+    assert m["n_customers_evaluated"] == 2498
+    assert abs(m["hit_rate_at_10"] - 0.216) <= 0.01
+    assert 0 < m["ndcg_at_10"] < m["hit_rate_at_10"]
+
+
+def test_online_retail_item_knn_bm25_matches_the_published_library_figure(full):
+    lines, products = full
+    m = evaluate_recommender(lambda: ItemKNNRecommender(weighting="bm25", k=20), lines, products=products)
+    assert abs(m["hit_rate_at_10"] - 0.343) <= 0.01
+    assert abs(m["ndcg_at_10"] - 0.077) <= 0.005
+
+
+def test_online_retail_champion_hybrid_beats_the_best_library_method(full):
+    lines, products = full
+    m = evaluate_recommender(HybridRecommender(), lines, products=products)
+    assert m["n_customers_evaluated"] == 2498
+    assert m["hit_rate_at_10"] > 0.343
+    assert m["ndcg_at_10"] > 0.077
