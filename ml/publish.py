@@ -3,37 +3,64 @@
 ``publish(settings_or_conn, "customer_segments", frame, as_of=..., run_id=..., model_name=...,
 model_version=..., key_columns=["customer_id"])`` writes
 
-* ``ml.customer_segments``          the current contents (the newest ``as_of`` published), and
-* ``ml.customer_segments_history``  every ``as_of`` ever published, append-only; publishing the same
-  ``as_of`` again replaces that ``as_of``'s rows, never duplicates them;
+* ``ml.customer_segments_history``  every ``as_of`` ever published, append-only, LIST-partitioned by
+  ``as_of`` (one partition per date); publishing the same ``as_of`` again replaces that date's rows,
+  never duplicates them;
+* ``ml.published_tables``            one row per published table: the ``as_of`` that is current, its run
+  id, model, row count and time;
+* ``ml.customer_segments``           a view: the history rows of the current ``as_of``. Readers (and
+  grants, and dbt sources) use this name; it is never dropped or renamed.
 
-each row carrying ``model_name``, ``model_version``, ``mlflow_run_id``, ``as_of`` and ``scored_at``.
+Every row carries ``model_name``, ``model_version``, ``mlflow_run_id``, ``as_of`` and ``scored_at``.
 
-How the swap works, and why it is DELETE + INSERT in one transaction
----------------------------------------------------------------------
-The frame is first COPYed into a temporary staging table (no WAL, invisible to everyone else). Then, in
-the same transaction, the target's old rows are deleted and the staged rows inserted; commit makes the
-change visible all at once. We compared the three usual swaps:
+How the swap works, and why
+---------------------------
+A new ``as_of`` (the nightly case) is COPYed into a fresh standalone table (the staging table: nobody
+else can see it; the metadata columns are filled by column defaults, so COPY sends only the frame), its
+primary key is built in one sort, and then, in the same transaction, it is ATTACHed as the history's
+partition for that date and ``ml.published_tables`` is pointed at the date. Commit makes both visible at
+once. Rows are written exactly once, which is why publish runs near raw COPY speed.
+
+A rerun of an ``as_of`` that is already published deletes and re-inserts that partition's rows (plain
+MVCC, no DDL), after COPYing the frame into a temporary staging table.
+
+The alternatives we rejected:
 
 * ``ALTER TABLE ... RENAME`` of a freshly built table: takes ACCESS EXCLUSIVE, and a reader that resolved
   the old table's OID before the swap and then waited on the lock fails with "could not open relation
-  with OID ..." once the old table is dropped. Grants, comments and dependent views must be re-created
-  on every publish. Rejected: readers can error.
-* ``TRUNCATE`` + INSERT: keeps the OID, but TRUNCATE takes ACCESS EXCLUSIVE (readers queue behind the
-  publish) and is documented as not MVCC-safe: a REPEATABLE READ / SERIALIZABLE reader whose snapshot
-  predates the commit sees an *empty* table afterwards. Rejected: a reader can see a wrong result.
-* ``DELETE`` + INSERT (chosen): ordinary MVCC row versions. Readers take no lock that conflicts with
-  ours, never wait, never see the relation change identity (same OID, same grants), and every
-  statement sees either all old rows or all new rows, whatever its isolation level. The price is dead
-  tuples, which autovacuum reclaims; we ANALYZE after the swap so plans stay good.
+  with OID ..." once the old table is dropped. Grants and dependent views must be re-created every time.
+* ``TRUNCATE`` + INSERT: keeps the OID, but TRUNCATE is documented as not MVCC-safe: a REPEATABLE READ
+  reader whose snapshot predates the commit sees an *empty* table afterwards (the concurrency test
+  catches exactly this when TRUNCATE is swapped in).
+* ``DELETE`` + INSERT of the whole current table every night: safe, but writes every row three times
+  (staging, current, history) plus dead tuples: 17 % of raw COPY speed in ``bench/bench_publish.py``.
+
+Why readers never error and never see a mix or a half-written table:
+
+* Nothing a reader can have looked up is ever dropped or renamed (view, history parent and existing
+  partitions keep their OIDs), so "could not open relation with OID" cannot happen.
+* ATTACH runs under an explicit ACCESS EXCLUSIVE lock on the history parent, held only for the attach
+  and the pointer update at the end of the transaction (the COPY happens before). ATTACH alone takes
+  just SHARE UPDATE EXCLUSIVE, which would let a READ COMMITTED statement plan with the old partition
+  list and then execute with a snapshot that already sees the new pointer: an empty result. With the
+  lock, a statement that reaches the table during the swap waits, then plans and runs after the commit.
+* The view reads the pointer and the rows with the same snapshot. A REPEATABLE READ snapshot taken
+  before the swap still sees the old pointer and the old partition's rows, which are never deleted on
+  the nightly path: the complete old table. A rerun's DELETE + INSERT is ordinary MVCC.
+* Grants given on ``ml.<table>`` survive every publish: the view is only replaced (``CREATE OR REPLACE``,
+  same OID, same grants) when the frame brings new columns.
+
+The cost of the choice: a reader can wait for the few milliseconds of the attach, and a reader
+transaction that has held the history open for a long time makes the publisher wait (up to
+``lock_timeout``) before the swap.
 
 Overlapping publishers (a manual run during the nightly run) are serialised by a transaction-scoped
 PostgreSQL advisory lock per table: the second waits up to ``lock_timeout`` seconds, then fails with a
 :class:`PublishLockTimeout` naming the table. A publisher killed half-way (even by SIGKILL) leaves an
 open transaction that PostgreSQL rolls back when the connection drops: the previous contents stay.
 
-A backfill (an ``as_of`` older than the one in the current table) writes its history rows and leaves the
-current table alone.
+A backfill (an ``as_of`` older than the current one) adds its history partition and leaves the pointer,
+hence ``ml.<table>``, alone.
 
 If ``publish`` is given a connection that is already inside a transaction, it runs in a savepoint of
 that transaction: several tables can then be published atomically together by the caller.
@@ -63,8 +90,8 @@ METADATA_COLUMNS = ("model_name", "model_version", "mlflow_run_id", "as_of", "sc
 # Row-varying columns that differ between two otherwise identical runs: excluded from content checksums.
 RUN_COLUMNS = ("model_version", "mlflow_run_id", "scored_at")
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]*$")
-# PostgreSQL truncates identifiers at 63 bytes; the history table adds 8 characters.
-_MAX_TABLE_NAME = 63 - len(HISTORY_SUFFIX)
+# PostgreSQL truncates identifiers at 63 bytes; history partitions add "_history_YYYYMMDD".
+_MAX_TABLE_NAME = 63 - len(HISTORY_SUFFIX) - len("_20240630")
 DEFAULT_LOCK_TIMEOUT_S = 60.0
 
 
@@ -205,6 +232,19 @@ def _ident(table: str) -> sql.Composed:
     return sql.SQL("{}.{}").format(sql.Identifier(SCHEMA), sql.Identifier(table))
 
 
+def _partition_name(table: str, as_of: dt.date) -> str:
+    return f"{table}{HISTORY_SUFFIX}_{as_of:%Y%m%d}"
+
+
+def _relkind(conn: psycopg.Connection, name: str) -> str | None:
+    row = conn.execute(
+        "select c.relkind from pg_class c join pg_namespace n on n.oid = c.relnamespace "
+        "where n.nspname = %s and c.relname = %s",
+        [SCHEMA, name],
+    ).fetchone()
+    return row[0] if row else None
+
+
 def _existing_columns(conn: psycopg.Connection, table: str) -> dict[str, str] | None:
     rows = conn.execute(
         """
@@ -231,41 +271,95 @@ _METADATA_TYPES = {
 _CANONICAL = {"timestamptz": "timestamp with time zone", "timestamp": "timestamp without time zone"}
 
 
-def _ensure_table(
-    conn: psycopg.Connection, table: str, columns: dict[str, str], key_columns: list[str], *, history: bool
-) -> None:
-    """Create ``ml.<table>`` (or its history) for these columns, or add new columns to an existing one.
+def _bootstrap(conn: psycopg.Connection) -> None:
+    """The pointer table shared by all published tables (created once, under a global lock, because two
+    first publishes of different tables could otherwise race on CREATE)."""
+    if _relkind(conn, "published_tables") is not None:
+        return
+    conn.execute("select pg_advisory_xact_lock(%s)", [_lock_key("*bootstrap*")])
+    conn.execute(
+        sql.SQL(
+            """
+            create table if not exists {} (
+                table_name text primary key,
+                as_of date not null,
+                model_name text not null,
+                model_version text,
+                mlflow_run_id text not null,
+                n_rows bigint not null,
+                scored_at timestamptz not null,
+                published_at timestamptz not null default now()
+            )
+            """
+        ).format(_ident("published_tables"))
+    )
 
-    New columns are added as nullable (a metadata-only change); a column whose type changed is refused
-    rather than silently cast.
+
+def _ensure_history(
+    conn: psycopg.Connection, table: str, columns: dict[str, str], key_columns: list[str]
+) -> dict[str, str]:
+    """Create ``ml.<table>_history`` (partitioned by as_of) or add the frame's new columns to it.
+
+    New columns are added as nullable (a catalog-only change); a column whose type changed is refused
+    rather than silently cast. Returns the history's columns and types in order.
     """
-    existing = _existing_columns(conn, table)
+    history = table + HISTORY_SUFFIX
+    existing = _existing_columns(conn, history)
     if existing is None:
         body = [sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(t)) for c, t in columns.items()]
         body += [sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(t)) for c, t in _METADATA_TYPES.items()]
-        key = (["as_of"] if history else []) + key_columns
-        body.append(sql.SQL("primary key ({})").format(sql.SQL(", ").join(map(sql.Identifier, key))))
-        conn.execute(sql.SQL("create table {} ({})").format(_ident(table), sql.SQL(", ").join(body)))
-        return
-    missing_meta = [c for c in METADATA_COLUMNS if c not in existing]
-    if missing_meta:
+        body.append(sql.SQL("primary key ({})").format(
+            sql.SQL(", ").join(map(sql.Identifier, ["as_of", *key_columns]))))
+        conn.execute(sql.SQL("create table {} ({}) partition by list (as_of)").format(
+            _ident(history), sql.SQL(", ").join(body)))
+        return _existing_columns(conn, history)
+    if _relkind(conn, history) != "p" or any(c not in existing for c in METADATA_COLUMNS):
         raise PublishError(
-            f"ml.{table} exists but was not created by publish (no {missing_meta} columns); "
-            "drop or rename it"
+            f"ml.{history} exists but was not created by this version of publish; drop or rename it "
+            f"(and ml.{table}) and publish again"
         )
+    added = False
     for column, pg_type in columns.items():
         have = existing.get(column)
         if have is None:
-            conn.execute(
-                sql.SQL("alter table {} add column {} {}").format(
-                    _ident(table), sql.Identifier(column), sql.SQL(pg_type)
-                )
-            )
+            conn.execute(sql.SQL("alter table {} add column {} {}").format(
+                _ident(history), sql.Identifier(column), sql.SQL(pg_type)))
+            added = True
         elif have != _CANONICAL.get(pg_type, pg_type):
             raise PublishError(
                 f"column {column!r} of ml.{table} is {have} but the frame has {pg_type}; "
                 "cast the frame's column, or drop the table if the change is intended"
             )
+    return _existing_columns(conn, history) if added else existing
+
+
+def _ensure_view(conn: psycopg.Connection, table: str, history_columns: dict[str, str]) -> None:
+    """``ml.<table>`` = the history rows of the current as_of; replaced only when columns were added."""
+    kind = _relkind(conn, table)
+    if kind not in (None, "v"):
+        raise PublishError(
+            f"ml.{table} exists as a table, not as the view publish maintains; drop or rename it "
+            "and publish again"
+        )
+    if kind == "v" and list(_existing_columns(conn, table) or {}) == list(history_columns):
+        return
+    conn.execute(
+        sql.SQL(
+            "create or replace view {view} as select {cols} from {history} h "
+            "where h.as_of = (select p.as_of from {pointer} p where p.table_name = {name})"
+        ).format(
+            view=_ident(table),
+            cols=sql.SQL(", ").join(sql.SQL("h.{}").format(sql.Identifier(c)) for c in history_columns),
+            history=_ident(table + HISTORY_SUFFIX),
+            pointer=_ident("published_tables"),
+            name=sql.Literal(table),
+        )
+    )
+    conn.execute(sql.SQL("comment on view {} is {}").format(
+        _ident(table),
+        sql.Literal(f"Current contents of ml.{table}: the rows of {table}{HISTORY_SUFFIX} for the as_of "
+                    "in ml.published_tables. Maintained by ml.publish."),
+    ))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -281,7 +375,8 @@ def _take_lock(conn: psycopg.Connection, table: str, timeout_s: float) -> None:
     """Wait up to ``timeout_s`` for the table's publish lock (held until our transaction ends).
 
     ``lock_timeout`` covers advisory locks as well (they are heavyweight locks), so the server does the
-    waiting; we only translate the timeout into a message that names the table and the holder.
+    waiting; we only translate the timeout into a message that names the table and the holder. The
+    setting stays for the rest of the transaction, so every later lock wait is bounded too.
     """
     key = _lock_key(table)
     conn.execute(sql.SQL("set local lock_timeout = {}").format(sql.Literal(f"{max(int(timeout_s * 1000), 1)}ms")))
@@ -291,19 +386,18 @@ def _take_lock(conn: psycopg.Connection, table: str, timeout_s: float) -> None:
     except psycopg.errors.LockNotAvailable:
         holder = conn.execute(
             """
-            select l.pid, a.application_name, a.xact_start
+            select l.pid, a.xact_start
             from pg_locks l left join pg_stat_activity a on a.pid = l.pid
             where l.locktype = 'advisory' and l.granted
               and ((l.classid::bigint << 32) | l.objid::bigint) = %s
             """,
             [key],
         ).fetchone()
-        who = f" (held by backend pid {holder[0]}, since {holder[2]})" if holder else ""
+        who = f" (held by backend pid {holder[0]}, since {holder[1]})" if holder else ""
         raise PublishLockTimeout(
             f"another publish of ml.{table} is running{who}; waited {timeout_s:g}s for it. "
             "Retry when it has finished (two runs must not publish the same table at once)"
         ) from None
-    conn.execute("set local lock_timeout = default")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -377,40 +471,75 @@ def _publish(
     lock_timeout: float,
     scored_at: dt.datetime | None,
 ) -> PublishReport:
+    try:
+        return _publish_locked(conn, table, arrow, columns, key_columns, as_of, run_id, model_name, version,
+                               lock_timeout, scored_at)
+    except psycopg.errors.LockNotAvailable as err:
+        raise PublishLockTimeout(
+            f"publishing ml.{table} waited more than {lock_timeout:g}s for a lock ({_first_line(err)}); "
+            "nothing was published, retry later"
+        ) from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _publish_locked(
+    conn: psycopg.Connection,
+    table: str,
+    arrow: pa.Table,
+    columns: dict[str, str],
+    key_columns: list[str],
+    as_of: dt.date,
+    run_id: str,
+    model_name: str,
+    version: str | None,
+    lock_timeout: float,
+    scored_at: dt.datetime | None,
+) -> PublishReport:
     history = table + HISTORY_SUFFIX
+    partition = _partition_name(table, as_of)
     with conn.transaction():
         _take_lock(conn, table, lock_timeout)
-        _ensure_table(conn, table, columns, key_columns, history=False)
-        _ensure_table(conn, history, columns, key_columns, history=True)
-
-        # Stage: COPY into a temporary table (no WAL; dropped at commit or when the session dies).
-        stage = f"_publish_stage_{table}"
-        conn.execute(sql.SQL("drop table if exists {}").format(sql.Identifier(stage)))
-        stage_cols = sql.SQL(", ").join(
-            sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(t)) for c, t in columns.items()
-        )
-        conn.execute(sql.SQL("create temp table {} ({}) on commit drop").format(sql.Identifier(stage), stage_cols))
-        rows = copy_in(conn, stage, arrow)
-
+        _bootstrap(conn)
+        history_columns = _ensure_history(conn, table, columns, key_columns)
+        _ensure_view(conn, table, history_columns)
         scored = scored_at or conn.execute("select now()").fetchone()[0]
-        meta = [model_name, version, run_id, as_of, scored]
-        names = sql.SQL(", ").join(sql.Identifier(c) for c in [*columns, *METADATA_COLUMNS])
-        select = sql.SQL("select {}, %s, %s, %s, %s, %s from {}").format(
-            sql.SQL(", ").join(sql.Identifier(c) for c in columns), sql.Identifier(stage)
-        )
+        meta = {"model_name": model_name, "model_version": version, "mlflow_run_id": run_id,
+                "as_of": as_of, "scored_at": scored}
 
-        replaced = conn.execute(
-            sql.SQL("delete from {} where as_of = %s").format(_ident(history)), [as_of]
-        ).rowcount
-        conn.execute(sql.SQL("insert into {} ({}) ").format(_ident(history), names) + select, meta)
+        if _relkind(conn, partition) is None:
+            rows = _write_new_partition(conn, table, partition, arrow, history_columns, key_columns, meta,
+                                        lock_timeout)
+            replaced = 0
+        else:
+            rows, replaced = _rewrite_partition(conn, table, partition, arrow, columns, meta)
 
-        current = conn.execute(sql.SQL("select max(as_of) from {}").format(_ident(table))).fetchone()[0]
+        current = conn.execute(
+            sql.SQL("select as_of from {} where table_name = %s for update").format(_ident("published_tables")),
+            [table],
+        ).fetchone()
+        current = current[0] if current else None
         replace_current = current is None or as_of >= current
         if replace_current:
-            conn.execute(sql.SQL("delete from {}").format(_ident(table)))
-            conn.execute(sql.SQL("insert into {} ({}) ").format(_ident(table), names) + select, meta)
+            conn.execute(
+                sql.SQL(
+                    """
+                    insert into {} (table_name, as_of, model_name, model_version, mlflow_run_id, n_rows,
+                                    scored_at, published_at)
+                    values (%s, %s, %s, %s, %s, %s, %s, clock_timestamp())
+                    on conflict (table_name) do update set
+                        as_of = excluded.as_of, model_name = excluded.model_name,
+                        model_version = excluded.model_version, mlflow_run_id = excluded.mlflow_run_id,
+                        n_rows = excluded.n_rows, scored_at = excluded.scored_at,
+                        published_at = excluded.published_at
+                    """
+                ).format(_ident("published_tables")),
+                [table, as_of, model_name, version, run_id, rows, scored],
+            )
             current = as_of
-        conn.execute(sql.SQL("analyze {}").format(_ident(table)))
     return PublishReport(
         table=f"{SCHEMA}.{table}",
         history_table=f"{SCHEMA}.{history}",
@@ -425,6 +554,87 @@ def _publish(
         scored_at=scored,
         seconds=0.0,
     )
+
+
+def _write_new_partition(
+    conn: psycopg.Connection,
+    table: str,
+    partition: str,
+    arrow: pa.Table,
+    history_columns: dict[str, str],
+    key_columns: list[str],
+    meta: dict[str, Any],
+    lock_timeout: float,
+) -> int:
+    """A new as_of: COPY into a fresh table, index it, then attach it (the only step readers can notice)."""
+    definitions = []
+    for column, pg_type in history_columns.items():
+        if column in meta:
+            # Defaults fill the metadata during COPY, so the wire carries only the frame's columns.
+            not_null = "" if column == "model_version" else " not null"
+            definitions.append(sql.SQL("{} {}{} default {}").format(
+                sql.Identifier(column), sql.SQL(pg_type), sql.SQL(not_null), sql.Literal(meta[column])))
+        else:
+            not_null = " not null" if column in key_columns else ""
+            definitions.append(sql.SQL("{} {}{}").format(sql.Identifier(column), sql.SQL(pg_type), sql.SQL(not_null)))
+    # The CHECK lets ATTACH skip scanning the rows to prove they belong to the partition.
+    definitions.append(sql.SQL("constraint {} check (as_of = {})").format(
+        sql.Identifier(f"{partition}_as_of"), sql.Literal(meta["as_of"])))
+    conn.execute(sql.SQL("create table {} ({})").format(_ident(partition), sql.SQL(", ").join(definitions)))
+    rows = copy_in(conn, f"{SCHEMA}.{partition}", arrow)
+    conn.execute(sql.SQL("alter table {} add primary key ({}), {}").format(
+        _ident(partition),
+        sql.SQL(", ").join(map(sql.Identifier, ["as_of", *key_columns])),
+        sql.SQL(", ").join(sql.SQL("alter column {} drop default").format(sql.Identifier(c)) for c in meta),
+    ))
+    conn.execute(sql.SQL("analyze {}").format(_ident(partition)))
+    # See the module docstring: the explicit ACCESS EXCLUSIVE makes statements that reach the history
+    # during the swap wait and re-plan after the commit, instead of planning with the old partition list.
+    try:
+        with conn.transaction():
+            conn.execute(sql.SQL("lock table {} in access exclusive mode").format(_ident(table + HISTORY_SUFFIX)))
+    except psycopg.errors.LockNotAvailable:
+        raise PublishLockTimeout(
+            f"could not swap in ml.{table} within {lock_timeout:g}s: a reader transaction has kept "
+            f"ml.{table}{HISTORY_SUFFIX} open that long; nothing was published, retry later"
+        ) from None
+    conn.execute(sql.SQL("alter table {} attach partition {} for values in ({})").format(
+        _ident(table + HISTORY_SUFFIX), _ident(partition), sql.Literal(meta["as_of"])))
+    return rows
+
+
+def _rewrite_partition(
+    conn: psycopg.Connection,
+    table: str,
+    partition: str,
+    arrow: pa.Table,
+    frame_columns: dict[str, str],
+    meta: dict[str, Any],
+) -> tuple[int, int]:
+    """A rerun of a published as_of: replace that partition's rows with DELETE + INSERT (plain MVCC, so
+    readers keep the old rows until commit whatever their isolation level). Returns (rows, replaced)."""
+    columns = arrow.column_names
+    stage = f"_publish_stage_{table}"
+    conn.execute(sql.SQL("drop table if exists {}").format(sql.Identifier(stage)))
+    conn.execute(sql.SQL("create temp table {} ({}) on commit drop").format(
+        sql.Identifier(stage),
+        sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(t)) for c, t in frame_columns.items()),
+    ))
+    rows = copy_in(conn, stage, arrow)
+    replaced = conn.execute(sql.SQL("delete from {}").format(_ident(partition))).rowcount
+    names = [*columns, *meta]
+    conn.execute(
+        sql.SQL("insert into {} ({}) select {}, {} from {}").format(
+            _ident(partition),
+            sql.SQL(", ").join(map(sql.Identifier, names)),
+            sql.SQL(", ").join(map(sql.Identifier, columns)),
+            sql.SQL(", ").join(sql.Placeholder() for _ in meta),
+            sql.Identifier(stage),
+        ),
+        list(meta.values()),
+    )
+    conn.execute(sql.SQL("analyze {}").format(_ident(partition)))
+    return rows, replaced
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -452,11 +662,13 @@ def content_checksum(
 
 
 def current_as_of(conn: psycopg.Connection, table: str) -> dt.date | None:
-    """The ``as_of`` held by ``ml.<table>`` (None when the table is empty or absent)."""
+    """The ``as_of`` that ``ml.<table>`` shows (None before the first publish)."""
     name = _validate_table(table)
-    if _existing_columns(conn, name) is None:
+    if _relkind(conn, "published_tables") is None:
         return None
-    return conn.execute(sql.SQL("select max(as_of) from {}").format(_ident(name))).fetchone()[0]
+    row = conn.execute(sql.SQL("select as_of from {} where table_name = %s").format(_ident("published_tables")),
+                       [name]).fetchone()
+    return row[0] if row else None
 
 
 __all__: list[Any] = [

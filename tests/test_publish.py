@@ -204,7 +204,9 @@ def _check_generation(count: int, gen_min: int | None, gen_max: int | None, tota
     return None
 
 
-def test_concurrent_readers_see_only_complete_old_or_new_tables(warehouse):
+@pytest.mark.parametrize("mode", ["new_as_of", "rerun"])
+def test_concurrent_readers_see_only_complete_old_or_new_tables(warehouse, mode):
+    """Nightly publishes (a new as_of: attach a partition) and reruns (same as_of: delete + insert)."""
     _publish(warehouse, _generation(0))
     stop = threading.Event()
     problems: list[str] = []
@@ -218,6 +220,11 @@ def test_concurrent_readers_see_only_complete_old_or_new_tables(warehouse):
                 while not stop.is_set():
                     with conn.transaction():
                         conn.execute(f"set transaction isolation level {isolation}")
+                        if isolation == "repeatable read":
+                            # Take the snapshot first and touch the table later, when a swap may have
+                            # committed in between: the reader must still see the complete old table.
+                            conn.execute("select 1").fetchone()
+                            time.sleep(0.01)
                         first = conn.execute(
                             "select count(*), min(gen), max(gen), sum(gen) from ml.customer_segments"
                         ).fetchone()
@@ -243,7 +250,8 @@ def test_concurrent_readers_see_only_complete_old_or_new_tables(warehouse):
         thread.start()
     try:
         for gen in range(1, 9):
-            _publish(warehouse, _generation(gen), run_id=f"gen-{gen}")
+            day = TODAY + dt.timedelta(days=gen) if mode == "new_as_of" else TODAY
+            _publish(warehouse, _generation(gen), run_id=f"gen-{gen}", as_of=day)
     finally:
         stop.set()
         for thread in threads:
@@ -299,10 +307,12 @@ def test_overlapping_publish_waits_for_the_lock_then_fails_clearly(warehouse):
 
 
 def test_other_tables_are_not_blocked_by_a_publish_in_progress(warehouse):
+    _publish(warehouse, _generation(0))
     holder = connect(warehouse)
     try:
         holder.execute("select 1")
-        _publish(holder, _generation(1), run_id="holder")
+        # A new as_of: the holder's transaction is past the swap and holds the history's lock.
+        _publish(holder, _generation(1), run_id="holder", as_of=TODAY + dt.timedelta(days=1))
         report = _publish(warehouse, _generation(2), table="segment_profiles", lock_timeout=5)
         assert report.rows == _generation(2).shape[0]
     finally:
