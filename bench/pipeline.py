@@ -1,0 +1,418 @@
+"""The whole nightly pipeline, timed step by step on a fresh embedded warehouse.
+
+Steps (``python -m bench`` runs them; each is one :class:`bench.harness.StepResult` with wall seconds, rows
+and the peak RSS of this process tree and of the PostgreSQL server tree):
+
+* ``generate + load``           the synthetic CRM generator COPYing into ``raw.*`` as one batch (rows = order lines)
+* ``dbt build (full)``          ``ml.dbt.dbt_build`` of every model, data test and unit test on an empty warehouse
+* ``train <family>``            read the family's marts (COPY out) and fit it: segmentation, value (CLV + churn),
+                                baskets (itemsets + rules), recommendations (hybrid fit + top-10 for every customer)
+* ``publish ml.*``              ``ml.publish.publish`` of every output table (rows = all published rows)
+* ``load one new day``          one more day of orders on top of the built warehouse (see :func:`one_new_day`)
+* ``dbt build (incremental)``   the same ``dbt build`` again: incremental models only process the new batch
+* ``score + publish (incremental)``  the night's models re-score the updated marts and publish (no retrain)
+* ``nightly (full)`` / ``nightly (incremental)``  sums of the above, the figures the targets are about
+
+A family whose module or entry point does not exist is skipped with a printed note.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from bench.harness import StepResult, measure, postmaster_pid
+from ml.config import PROJECT_ROOT, Settings
+from ml.warehouse import connect, copy_out, init_schemas, read_table, start_embedded, stop_embedded
+
+RUN_ID = "bench"  # publish wants an MLflow run id; the benchmark trains without MLflow
+# dbt vars of every build: the value family validates on the newest training snapshot and trains on older ones.
+DBT_VARS = {"training_snapshots": 2}
+
+# Step names, in order. The smoke test checks that the table and the JSON line hold each of them.
+LOAD = "generate + load"
+DBT_FULL = "dbt build (full)"
+TRAIN_SEGMENTATION = "train segmentation"
+TRAIN_VALUE = "train value (clv + churn)"
+TRAIN_BASKETS = "train baskets (rules)"
+TRAIN_RECOMMEND = "train recommendations (fit + top-10)"
+PUBLISH = "publish ml.*"
+NEW_DAY = "load one new day"
+DBT_INCREMENTAL = "dbt build (incremental)"
+RESCORE = "score + publish (incremental)"
+NIGHTLY_FULL = "nightly (full)"
+NIGHTLY_INCREMENTAL = "nightly (incremental)"
+
+# The family entry points this benchmark calls: (module, attribute). Missing ones are skipped with a note.
+ENTRY_POINTS = {
+    TRAIN_SEGMENTATION: ("ml.segmentation", "segment_customers"),
+    TRAIN_VALUE: ("ml.value", "fit_value"),
+    TRAIN_BASKETS: ("ml.baskets", "mine_rules"),
+    TRAIN_RECOMMEND: ("ml.recommend", "HybridRecommender"),
+}
+RULES_MIN_SUPPORT = 0.003  # the support the hybrid's rule component mines at (ml.recommend.default_components)
+
+
+def log(message: str) -> None:
+    """One progress line, with the wall clock, flushed at once (long steps must show they are alive)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+@dataclass
+class Bench:
+    """Collects the steps of one benchmark run; ``step`` prints a line at each start and end."""
+
+    server_pid: int | None = None
+    results: list[StepResult] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    @contextmanager
+    def step(self, name: str, *, kind: str = "pipeline", reference: str | None = None) -> Iterator[StepResult]:
+        log(f"start  {name}")
+        with measure(name, server_pid=self.server_pid, reference=reference) as result:
+            result.notes["kind"] = kind
+            yield result
+        self.results.append(result)
+        rate = f", {result.rows_per_s:,.0f} rows/s" if result.rows_per_s else ""
+        log(f"end    {name}: {result.seconds:.2f} s{rate}, peak RSS python {result.peak_rss_python_mb:.0f} MB, "
+            f"server {result.peak_rss_server_mb:.0f} MB")
+
+    def add(self, result: StepResult) -> None:
+        self.results.append(result)
+
+    def get(self, name: str) -> StepResult | None:
+        return next((r for r in self.results if r.step == name), None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A fresh warehouse of its own
+# ---------------------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def temp_warehouse(keep: bool = False) -> Iterator[Settings]:
+    """An embedded PostgreSQL in a new temporary state folder on a free port, stopped and removed after.
+
+    The folder is under the project's ``.state`` (the same disk the real warehouse uses, not a tmpfs).
+    MLflow and dbt's target folders land in the same state folder, so nothing leaks into the user's state.
+    """
+    base = PROJECT_ROOT / ".state"
+    base.mkdir(exist_ok=True)
+    state = Path(tempfile.mkdtemp(prefix="bench-", dir=base))
+    settings = Settings.from_env({"CRM_STATE_DIR": str(state), "CRM_PG_PORT": str(free_port())})
+    try:
+        start_embedded(settings)
+        with connect(settings) as conn:
+            init_schemas(conn)
+        yield settings
+    finally:
+        try:
+            stop_embedded(settings)
+        finally:
+            if not keep:
+                shutil.rmtree(state, ignore_errors=True)
+            else:
+                log(f"kept the benchmark warehouse folder {state}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Steps
+# ---------------------------------------------------------------------------------------------------------
+def generate_and_load(bench: Bench, settings: Settings, customers: int, days: int, seed: int):
+    from ml.ingest.generator import GeneratorParams, generate
+
+    params = GeneratorParams(customers=customers, days=days, seed=seed)
+    timings: dict[str, float] = {}
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        now = time.perf_counter()
+        if done == total or now - last[0] > 5:  # a line every 5 s at most: 1M customers is 20 chunks
+            last[0] = now
+            log(f"       generated {done:,} / {total:,} customers")
+
+    with connect(settings) as conn, bench.step(LOAD) as step:
+        report = generate(conn, params, timings=timings, progress=progress)
+        step.rows = report.lines_read
+        step.notes.update(rows_by_table=report.rows_loaded, raw_rows=sum(report.rows_loaded.values()),
+                          **{k: round(v, 2) for k, v in timings.items()})
+    return params, report
+
+
+def dbt_full(bench: Bench, settings: Settings) -> None:
+    from ml.dbt import dbt_build
+
+    with bench.step(DBT_FULL) as step:
+        result = dbt_build(settings, **DBT_VARS)
+        step.rows = _order_lines(settings, "marts.fct_order_lines")
+        step.notes.update(nodes=result.status_counts(), slowest=_slowest(result))
+
+
+def _slowest(result, n: int = 6) -> dict[str, float]:
+    """The nodes that took longest: where a dbt build's time goes."""
+    nodes = sorted(result.nodes, key=lambda node: -node.execution_time)[:n]
+    return {node.name: round(node.execution_time, 2) for node in nodes}
+
+
+def _order_lines(settings: Settings, table: str) -> int:
+    with connect(settings) as conn:
+        return conn.execute(f"select count(*) from {table}").fetchone()[0]  # noqa: S608 - our own table name
+
+
+def _as_of(settings: Settings) -> dt.date:
+    with connect(settings) as conn:
+        return conn.execute("select max(as_of_date) from marts.customer_features").fetchone()[0]
+
+
+def _entry_point(step: str) -> Callable | None:
+    module, name = ENTRY_POINTS[step]
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+def _read(settings: Settings, table: str) -> pd.DataFrame:
+    with connect(settings) as conn:
+        return read_table(conn, table)
+
+
+def train_families(bench: Bench, settings: Settings) -> dict:
+    """Fit every family that exists; returns the fitted models and the frames to publish."""
+    trained: dict = {"frames": {}}
+    for step_name in (TRAIN_SEGMENTATION, TRAIN_VALUE, TRAIN_BASKETS, TRAIN_RECOMMEND):
+        entry = _entry_point(step_name)
+        if entry is None:
+            module, name = ENTRY_POINTS[step_name]
+            log(f"note   {step_name}: skipped, {module}.{name} does not exist yet")
+            bench.skipped.append(step_name)
+            continue
+        with bench.step(step_name) as step:
+            try:
+                _TRAINERS[step_name](settings, entry, step, trained)
+            except Exception as err:  # one family failing must not hide the others' figures
+                step.notes["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+                log(f"ERROR  {step_name}: {step.notes['error']}")
+    return trained
+
+
+def _train_segmentation(settings, segment_customers, step, trained) -> None:
+    features = _read(settings, "marts.customer_features")
+    result = segment_customers(features)
+    trained["segment_model"] = result.model
+    trained["frames"]["customer_segments"] = (result.assignments, ["customer_id"])
+    profiles = result.profiles.copy()
+    trained["frames"]["segment_profiles"] = (_publishable(profiles), ["segment_id"])
+    step.rows = len(features)
+    step.notes.update(champion=result.champion, candidates=len(result.candidates))
+
+
+def _train_value(settings, fit_value, step, trained) -> None:
+    from ml.value import fit_churn, score_customers
+
+    training = _read(settings, "marts.clv_training_set")
+    scoring = _read(settings, "marts.clv_scoring_set")
+    value = fit_value(training)
+    churn = fit_churn(training)
+    scores = score_customers(scoring, value.model, churn.model)
+    trained["value_model"], trained["churn_model"] = value.model, churn.model
+    trained["frames"]["customer_scores"] = (scores, ["customer_id"])
+    step.rows = len(training) + len(scoring)
+    step.notes.update(value_champion=value.champion, churn_champion=churn.champion,
+                      training_rows=len(training), scoring_rows=len(scoring))
+
+
+def _train_baskets(settings, mine_rules, step, trained) -> None:
+    lines = _read(settings, "marts.basket_lines")
+    rules = mine_rules(lines, min_support=RULES_MIN_SUPPORT)
+    trained["frames"]["association_rules"] = (_rules_for_publish(rules), ["antecedent_key", "consequent_key"])
+    trained["basket_lines"] = lines
+    step.rows = len(lines)
+    step.notes.update(rules=len(rules), min_support=RULES_MIN_SUPPORT)
+
+
+def _train_recommend(settings, hybrid_class, step, trained) -> None:
+    lines = trained.get("basket_lines")
+    if lines is None:
+        lines = _read(settings, "marts.basket_lines")
+    products = _read(settings, "marts.dim_products")
+    model = hybrid_class().fit(lines, products)
+    customers = model.customers_
+    recs = model.recommend(customers, n=10)
+    trained["frames"]["product_recommendations"] = (_publishable(recs), ["customer_id", "rank"])
+    step.rows = len(lines)
+    step.notes.update(customers=len(customers), recommendations=len(recs), weights=getattr(model, "weights_", None))
+
+
+_TRAINERS = {
+    TRAIN_SEGMENTATION: _train_segmentation,
+    TRAIN_VALUE: _train_value,
+    TRAIN_BASKETS: _train_baskets,
+    TRAIN_RECOMMEND: _train_recommend,
+}
+
+
+def _publishable(frame: pd.DataFrame) -> pd.DataFrame:
+    """Object columns holding lists/tuples/dicts as text (publish stores numbers, text, dates)."""
+    out = frame.copy()
+    for column in out.columns:
+        if out[column].dtype == object:
+            sample = out[column].dropna().head(1).tolist()
+            if sample and isinstance(sample[0], (list, tuple, dict, np.ndarray)):
+                out[column] = out[column].map(lambda v: None if v is None else ", ".join(map(str, v))
+                                              if not isinstance(v, dict) else str(v))
+            elif sample and not isinstance(sample[0], str):
+                out[column] = out[column].astype(str)
+    return out
+
+
+def _rules_for_publish(rules: pd.DataFrame) -> pd.DataFrame:
+    out = rules.copy()
+    out["antecedent_key"] = out["antecedent"].map(lambda items: "|".join(map(str, items)))
+    out["consequent_key"] = out["consequent"].map(lambda items: "|".join(map(str, items)))
+    return _publishable(out.drop(columns=["antecedent", "consequent"]))
+
+
+def publish_all(bench: Bench, settings: Settings, frames: dict, as_of: dt.date, name: str = PUBLISH) -> None:
+    from ml.publish import publish
+
+    with bench.step(name) as step:
+        rows = 0
+        per_table = {}
+        for table, (frame, keys) in frames.items():
+            try:
+                report = publish(settings, table, frame, as_of=as_of, run_id=RUN_ID, model_name=table,
+                                 model_version=1, key_columns=keys)
+            except Exception as err:  # a frame publish refuses: name it, publish the others
+                step.notes.setdefault("error", {})[table] = f"{type(err).__name__}: {str(err)[:300]}"
+                log(f"ERROR  publish {table}: {step.notes['error'][table]}")
+                continue
+            rows += report.rows
+            per_table[table] = report.rows
+        step.rows = rows
+        step.notes.update(as_of=as_of.isoformat(), tables=per_table)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The incremental night
+# ---------------------------------------------------------------------------------------------------------
+def one_new_day(settings: Settings, end_date: dt.date) -> dict[str, int]:
+    """Load one more day of orders as a new batch: the orders of ``end_date`` replayed on ``end_date + 1``.
+
+    The generator has no "append a day" mode, and a second generator batch with another seed would reuse
+    every customer and order id (re-delivering, not adding). So the new day is made from the last generated
+    day: same customers, same baskets, timestamps one day later, new order ids (``N`` + old id). Its size is
+    one real day of this shop, which is what an incremental night must absorb.
+    """
+    from ml.ingest.batch import load_atomically
+
+    day = end_date.isoformat()
+    with connect(settings) as conn:
+        orders = copy_out(conn, "select order_id, customer_id, ordered_at, status, channel from raw.orders "
+                                f"where ordered_at >= date '{day}' and ordered_at < date '{day}' + 1")
+        lines = copy_out(conn, "select l.order_id, l.line_no, l.product_id, l.quantity, l.unit_price, l.discount "
+                               "from raw.order_lines l join raw.orders o using (order_id) "
+                               f"where o.ordered_at >= date '{day}' and o.ordered_at < date '{day}' + 1")
+        orders = _shift_day(orders)
+        lines = lines.set_column(0, "order_id", pa.compute.binary_join_element_wise("N", lines["order_id"], ""))
+
+        def fill(batch) -> None:
+            batch.copy("raw.orders", orders)
+            batch.copy("raw.order_lines", lines)
+            batch.report.lines_read = lines.num_rows
+
+        report = load_atomically(conn, source="bench-new-day", source_name=f"replay of {day}",
+                                 content_sha256=f"bench-new-day-{day}-{time.time_ns()}",
+                                 primary_table="raw.order_lines", fill=fill)
+    return report.rows_loaded
+
+
+def _shift_day(orders: pa.Table) -> pa.Table:
+    order_id = pa.compute.binary_join_element_wise("N", orders["order_id"], "")
+    ordered_at = pa.compute.add(orders["ordered_at"], pa.scalar(dt.timedelta(days=1)))
+    return orders.set_column(0, "order_id", order_id).set_column(2, "ordered_at", ordered_at)
+
+
+def incremental_night(bench: Bench, settings: Settings, end_date: dt.date, trained: dict) -> None:
+    from ml.dbt import dbt_build
+
+    with bench.step(NEW_DAY) as step:
+        loaded = one_new_day(settings, end_date)
+        step.rows = loaded.get("raw.order_lines", 0)
+        step.notes.update(rows_by_table=loaded)
+    with bench.step(DBT_INCREMENTAL, reference=DBT_FULL) as step:
+        result = dbt_build(settings, **DBT_VARS)
+        step.rows = step_rows = loaded.get("raw.order_lines", 0)
+        step.notes.update(nodes=result.status_counts(), slowest=_slowest(result), new_order_lines=step_rows)
+    rescore(bench, settings, trained)
+
+
+def rescore(bench: Bench, settings: Settings, trained: dict) -> None:
+    """No retrain: the night's models score the rebuilt marts and the scores are published (the policy
+    retrains only when asked; a new day does not change the models enough to pay for a full fit)."""
+    from ml.publish import publish
+    from ml.value import score_customers
+
+    with bench.step(RESCORE) as step:
+        as_of = _as_of(settings)
+        rows, per_table = 0, {}
+        frames = {}
+        if "segment_model" in trained:
+            features = _read(settings, "marts.customer_features")
+            model = trained["segment_model"]
+            ids = model.predict(features)
+            frames["customer_segments"] = pd.DataFrame({
+                "customer_id": features["customer_id"].to_numpy(), "segment_id": ids,
+                "segment_name": [model.segment_names.get(int(s), f"Segment {s}") for s in ids]})
+        if "value_model" in trained:
+            scoring = _read(settings, "marts.clv_scoring_set")
+            frames["customer_scores"] = score_customers(scoring, trained["value_model"], trained["churn_model"])
+        for table, frame in frames.items():
+            report = publish(settings, table, frame, as_of=as_of, run_id=RUN_ID, model_name=table,
+                             model_version=1, key_columns=["customer_id"])
+            rows += report.rows
+            per_table[table] = report.rows
+        step.rows = rows
+        step.notes.update(as_of=as_of.isoformat() if as_of else None, tables=per_table)
+
+
+def add_totals(bench: Bench) -> None:
+    """The nightly figures: sums of the steps a night runs (upper-bound peak RSS: the largest step's
+    python peak plus the largest server peak, which may not have happened at the same moment)."""
+    def total(name: str, parts: list[str], reference: str | None = None) -> None:
+        steps = [bench.get(p) for p in parts if bench.get(p) is not None]
+        if not steps:
+            return
+        bench.add(StepResult(
+            step=name, seconds=sum(s.seconds for s in steps), rows=steps[0].rows, reference=reference,
+            peak_rss_python_mb=max(s.peak_rss_python_mb for s in steps),
+            peak_rss_server_mb=max(s.peak_rss_server_mb for s in steps),
+            notes={"kind": "total", "steps": [s.step for s in steps]}))
+
+    total(NIGHTLY_FULL, [LOAD, DBT_FULL, TRAIN_SEGMENTATION, TRAIN_VALUE, TRAIN_BASKETS, TRAIN_RECOMMEND, PUBLISH])
+    total(NIGHTLY_INCREMENTAL, [NEW_DAY, DBT_INCREMENTAL, RESCORE], reference=NIGHTLY_FULL)
+
+
+def server_pid(settings: Settings) -> int | None:
+    return postmaster_pid(settings.pgdata) if settings.embedded else None
+
+
+if __name__ == "__main__":  # pragma: no cover - the entry point is python -m bench
+    sys.exit("run the benchmark with: python -m bench --customers 10000")
