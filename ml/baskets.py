@@ -17,6 +17,7 @@ included).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 
@@ -107,21 +108,28 @@ def basket_item_matrix(lines: pd.DataFrame, level: str = "product") -> tuple[sp.
 
 
 def _transactions_from_codes(basket_codes: np.ndarray, item_codes: np.ndarray) -> list[list[int]]:
-    cuts = np.flatnonzero(np.diff(basket_codes)) + 1
-    return [chunk.tolist() for chunk in np.split(item_codes, cuts)]
+    # one tolist() and plain list slices: far cheaper than 100k small numpy arrays
+    bounds = np.concatenate([[0], np.flatnonzero(np.diff(basket_codes)) + 1, [len(item_codes)]]).tolist()
+    flat = item_codes.tolist()
+    return [flat[a:b] for a, b in itertools.pairwise(bounds)]
 
 
-def _encode_transactions(transactions: Iterable[Sequence]) -> tuple[list[list[int]], pd.Index]:
-    """Integer-code raw transactions (e.g. the FIMI file: one list of item labels per basket)."""
-    tx = [list(dict.fromkeys(t)) for t in transactions]  # distinct items, order kept
-    tx = [t for t in tx if t]
-    if not tx:
+def _encode_transactions(transactions: Iterable[Sequence]) -> tuple[pd.Index, np.ndarray, np.ndarray]:
+    """Integer-code raw transactions (e.g. the FIMI file: one list of item labels per basket).
+
+    One flat object array through pandas' C hash table (no per-item Python work), then duplicates
+    inside a basket dropped with a single ``np.unique`` over (basket, item) keys.
+    """
+    transactions = [t for t in transactions if len(t)]
+    if not transactions:
         raise BasketError("no baskets to mine: every transaction is empty")
-    lengths = np.fromiter((len(t) for t in tx), dtype=np.int64, count=len(tx))
-    flat = pd.Series([x for t in tx for x in t]).astype(str)
-    codes, items = pd.factorize(flat, sort=True)
-    cuts = np.cumsum(lengths)[:-1]
-    return [c.tolist() for c in np.split(codes, cuts)], pd.Index(items)
+    lengths = np.fromiter((len(t) for t in transactions), dtype=np.int64, count=len(transactions))
+    flat = np.fromiter(itertools.chain.from_iterable(transactions), dtype=object, count=int(lengths.sum()))
+    codes, items = pd.factorize(flat.astype(str), sort=True)
+    basket = np.repeat(np.arange(len(transactions), dtype=np.int64), lengths)
+    keys = np.sort(basket * len(items) + codes)
+    keys = keys[np.concatenate([[True], np.diff(keys) != 0])]
+    return pd.Index(items.astype(str)), keys // len(items), keys % len(items)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -175,12 +183,12 @@ class FrequentItemsets(BaseEstimator):
             raise BasketError(f"max_len must be at least 1 (or None for no limit), got {self.max_len}")
         if isinstance(baskets, pd.DataFrame):
             _, items, b, i = encode_baskets(baskets, self.level)
-            tx = _transactions_from_codes(b, i)
         else:
-            tx, items = _encode_transactions(baskets)
+            items, b, i = _encode_transactions(baskets)
+        tx = _transactions_from_codes(b, i)
         n = len(tx)
         count = min_count(self.min_support, n)
-        item_counts = np.bincount(np.concatenate([np.asarray(t, dtype=np.int64) for t in tx]), minlength=len(items))
+        item_counts = np.bincount(i, minlength=len(items))
         zmax = self.max_len if self.max_len is not None else -1
         # pyfim reports nothing when an item is in *every* transaction (e.g. one-item data); one empty
         # transaction avoids that and changes no absolute count (supports below divide by the real n)
