@@ -24,10 +24,13 @@ cleaned as (
         nullif(trim(city), '') as city,
         signup_at,
         nullif(lower(trim(acquisition_channel)), '') as acquisition_channel,
-        coalesce(is_test_account, false)
+        coalesce(
+            is_test_account
             or split_part(lower(trim(email)), '@', 2) in (
                 {%- for domain in var('test_email_domains') %}'{{ domain | lower }}'{{ ", " if not loop.last }}{% endfor -%}
-            ) as is_test_account,
+            ),
+            false
+        ) as is_test_account,
         coalesce(trim(email) ~* '^[^@[:space:]]+@[^@[:space:]]+\.[a-z]{2,}$', false) as is_valid_email,
         coalesce(
             birth_date <= date '1900-01-01' or birth_date > (_loaded_at::date - interval '10 years')::date, false

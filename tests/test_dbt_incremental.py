@@ -1,0 +1,122 @@
+"""Incremental facts equal a full refresh, and no feature reads data from after its cut-off.
+
+Both tests start from the hand-written raw layer of test_dbt_project, build, deliver a new batch, build
+again, and compare.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+from test_dbt_project import _read, lines_frame, load_fixture, orders_frame
+
+from ml.dbt import dbt_build
+from ml.warehouse import connect, copy_in
+
+LOADED_3 = "2024-06-01 00:00:00+00"
+FACT_KEYS = {"marts.fct_orders": ["order_id"], "marts.fct_order_lines": ["order_id", "line_no"]}
+
+
+def _snapshot(settings, table: str) -> pd.DataFrame:
+    return _read(settings, table).sort_values(FACT_KEYS[table]).reset_index(drop=True)
+
+
+def _deliver(settings, *, customers=None, orders=(), lines=()) -> None:
+    with connect(settings) as conn:
+        if customers is not None:
+            copy_in(conn, "raw.customers", customers)
+        if orders:
+            copy_in(conn, "raw.orders", orders_frame(orders))
+        if lines:
+            copy_in(conn, "raw.order_lines", lines_frame(lines))
+        conn.commit()
+
+
+def test_incremental_build_equals_full_refresh(warehouse):
+    load_fixture(warehouse)
+    dbt_build(warehouse, horizon_days=60)
+    before = _snapshot(warehouse, "marts.fct_order_lines")
+
+    new_customer = pd.DataFrame({
+        "customer_id": ["c6", "c7"],
+        "email": ["dee@shop.com", "eve@shop.com"],
+        "is_test_account": [True, False],  # c6 turns out to be a test account: o9 must go
+        "_batch_id": [3, 3],
+        "_loaded_at": [LOADED_3, LOADED_3],
+    })
+    _deliver(
+        warehouse,
+        customers=new_customer,
+        orders=[
+            ("o20", "c7", "2024-03-25 09:00", "completed", 3, LOADED_3),  # a new order
+            ("o4", "c2", "2024-02-01 10:00", "completed", 3, LOADED_3),  # re-delivered duplicate
+        ],
+        lines=[
+            ("o20", 1, "P3", 3, 5.0, 3, LOADED_3),
+            ("o1", 3, "P3", 1, 5.0, 3, LOADED_3),  # late-arriving line of a January order
+            ("o2", 1, "P3", 5, 5.0, 3, LOADED_3),  # corrected quantity of an old line
+        ],
+    )
+    incremental = dbt_build(warehouse, horizon_days=60)
+    assert incremental.node("fct_order_lines").status == "success"
+    inc_orders = _snapshot(warehouse, "marts.fct_orders")
+    inc_lines = _snapshot(warehouse, "marts.fct_order_lines")
+
+    # the incremental run did pick the changes up ...
+    assert "o20" in set(inc_orders["order_id"]) and "o9" not in set(inc_orders["order_id"])
+    assert len(inc_lines[inc_lines["order_id"] == "o1"]) == 3
+    o2 = inc_orders.set_index("order_id").loc["o2"]
+    assert o2["gross_revenue"] == 28  # 5 spoons + postage
+    assert len(inc_lines) == len(before) + 1 + 1 - 1  # o20, o1's late line, minus o9's line
+
+    dbt_build(warehouse, horizon_days=60, full_refresh=True)
+    full_orders = _snapshot(warehouse, "marts.fct_orders")
+    full_lines = _snapshot(warehouse, "marts.fct_order_lines")
+    pd.testing.assert_frame_equal(inc_orders, full_orders)
+    pd.testing.assert_frame_equal(inc_lines, full_lines)
+
+
+FEATURE_SETS = {
+    "marts.customer_features": ["customer_id"],
+    "marts.clv_scoring_set": ["customer_id"],
+    "marts.clv_training_set": ["customer_id", "snapshot"],
+}
+
+
+def test_features_ignore_data_after_their_cutoff(warehouse):
+    load_fixture(warehouse)
+    as_of = "2024-04-01"
+    dbt_build(warehouse, as_of=as_of, horizon_days=60)
+    before = {t: _read(warehouse, t).sort_values(k).reset_index(drop=True) for t, k in FEATURE_SETS.items()}
+
+    # After as_of: a new purchase of c1 and a brand-new customer. After the training cut-off (2024-02-01)
+    # but before as_of: a purchase of c2, which may change c2's training label but no training feature.
+    _deliver(
+        warehouse,
+        customers=pd.DataFrame({"customer_id": ["c8"], "_batch_id": [3], "_loaded_at": [LOADED_3]}),
+        orders=[
+            ("o30", "c1", "2024-05-01 09:00", "completed", 3, LOADED_3),
+            ("o31", "c8", "2024-04-15 09:00", "completed", 3, LOADED_3),
+            ("o32", "c2", "2024-03-10 09:00", "completed", 3, LOADED_3),
+        ],
+        lines=[
+            ("o30", 1, "P2", 10, 20.0, 3, LOADED_3),
+            ("o31", 1, "P1", 1, 10.0, 3, LOADED_3),
+            ("o32", 1, "P1", 3, 10.0, 3, LOADED_3),
+        ],
+    )
+    dbt_build(warehouse, as_of=as_of, horizon_days=60)
+    after = {t: _read(warehouse, t).sort_values(k).reset_index(drop=True) for t, k in FEATURE_SETS.items()}
+
+    # the new rows are in the warehouse ...
+    orders = _read(warehouse, "marts.fct_orders")
+    assert {"o30", "o31", "o32"} <= set(orders["order_id"])
+    # ... the training label saw c2's purchase inside the horizon ...
+    labels_before = before["marts.clv_training_set"].set_index("customer_id")
+    labels_after = after["marts.clv_training_set"].set_index("customer_id")
+    assert labels_before.loc["c2", "future_spend"] == 0 and labels_after.loc["c2", "future_spend"] == 30
+    # ... and no feature column moved.
+    labels = ["future_spend", "has_future_purchase"]
+    pd.testing.assert_frame_equal(before["marts.customer_features"], after["marts.customer_features"])
+    pd.testing.assert_frame_equal(before["marts.clv_scoring_set"], after["marts.clv_scoring_set"])
+    pd.testing.assert_frame_equal(before["marts.clv_training_set"].drop(columns=labels),
+                                  after["marts.clv_training_set"].drop(columns=labels))
