@@ -221,19 +221,31 @@ def _fit_hdbscan(Z, k, seed, sample_size):
     return _centroid_assigner(S, labels)
 
 
-def _som_codebook(Z, seed, sample_size):
+def _som_codebook(Z, seed, sample_size, n_iter: int = 30):
+    """Train a rectangular self-organising map and return the codebook vectors of the nodes that win rows.
+
+    minisom sets up the map and its PCA initialisation; the training is Kohonen's batch algorithm
+    (minisom's ``train_batch_offline``) written out vectorised, because minisom looks up each row's winning
+    node in a Python loop (~100 µs a row per iteration), which dominated the whole segmentation run.
+    """
     from minisom import MiniSom
 
     S = _sample(Z, max(sample_size, 10_000), seed)
     side = int(np.clip(np.sqrt(5 * np.sqrt(len(S))) / 1.2, 4, 15))  # Vesanto's 5·√n nodes rule of thumb
     som = MiniSom(side, side, S.shape[1], sigma=max(1.0, side / 3), learning_rate=0.5, random_seed=seed)
     som.pca_weights_init(S)
-    som.train_batch_offline(S, 50)
-    codebook = som.get_weights().reshape(-1, S.shape[1])
+    W = som.get_weights().reshape(-1, S.shape[1]).copy()
+    grid = np.array([(i, j) for i in range(side) for j in range(side)], dtype=float)
+    grid_d2 = ((grid[:, None, :] - grid[None, :, :]) ** 2).sum(-1)  # squared distances between nodes on the map
+    sigma0, sigma_end = max(1.0, side / 3), 0.5
+    for it in range(n_iter):
+        sigma = sigma0 * (sigma_end / sigma0) ** (it / max(n_iter - 1, 1))  # exponential shrink of the neighbourhood
+        bmu = _nearest(S, W)
+        h = np.exp(-grid_d2[:, bmu] / (2 * sigma**2))  # (nodes, rows)
+        W = (h @ S) / np.maximum(h.sum(axis=1), 1e-12)[:, None]
     # Nodes that never win a row are dropped: they would turn into phantom segments.
-    hits = _nearest(S, codebook)
-    used = np.unique(hits)
-    return codebook[used]
+    used = np.unique(_nearest(S, W))
+    return W[used]
 
 
 def _nearest(Z, P):
@@ -369,6 +381,7 @@ def segment_customers(
     min_stability: float = 0.75,
     min_segment_share: float = 0.02,
     random_state: int = 0,
+    n_threads: int | None = 1,
 ) -> SegmentationResult:
     """Fit every candidate (family × k), measure it, pick the champion, name and profile its segments.
 
@@ -376,7 +389,24 @@ def segment_customers(
     ``category_weight``: the category_share_* columns together weigh as much as this many other features
     (each is scaled by √(weight / n_shares)), so eight taste columns do not outvote recency, frequency and spend.
     ``fit_sample`` bounds the rows of the O(n²) fits (Ward, HDBSCAN) and of the bootstrap refits.
+    ``n_threads`` caps the native thread pools (1 by default: oversubscribed OpenMP/BLAS threads on a shared
+    box are much slower than one; ``None`` = the libraries' defaults).
     """
+    from contextlib import nullcontext
+
+    from threadpoolctl import threadpool_limits
+
+    with nullcontext() if n_threads is None else threadpool_limits(limits=n_threads):
+        return _segment_customers(
+            features, families, k_range, transform, columns, category_weight, category_names, silhouette_sample,
+            fit_sample, n_bootstrap, min_stability, min_segment_share, random_state,
+        )
+
+
+def _segment_customers(
+    features, families, k_range, transform, columns, category_weight, category_names, silhouette_sample,
+    fit_sample, n_bootstrap, min_stability, min_segment_share, random_state,
+) -> SegmentationResult:
     unknown = [f for f in families if f not in _FITTERS]
     if unknown:
         raise SegmentationInputError(f"Unknown segmentation families {unknown}; choose from {list(FAMILIES)}.")

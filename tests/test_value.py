@@ -1,0 +1,225 @@
+"""CLV regression and churn propensity on synthetic clv_training_set / clv_scoring_set frames (no database).
+
+TEST HELPER: the frames are built from a simulated buy-'til-you-die transaction log (Poisson purchasing while
+alive, dropout after each purchase, gamma spend per order) with the contract's column names and definitions;
+the production path reads them from the dbt marts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ml.value import (
+    CHURN_METRICS,
+    REGRESSION_METRICS,
+    ValueInputError,
+    calibration_table,
+    fit_churn,
+    fit_value,
+    plot_calibration,
+    plot_clv_deciles,
+    plot_feature_importances,
+    plot_pred_vs_actual,
+    score_customers,
+    top_decile_capture,
+    value_metrics,
+)
+
+START = pd.Timestamp("2023-01-01")
+AS_OF = pd.Timestamp("2025-03-31")
+HORIZON = 90
+
+
+def simulate_transactions(n: int = 2500, seed: int = 3) -> pd.DataFrame:
+    """BTYD world: first purchase in the first 500 days, rate λ ~ Gamma, dropout p ~ Beta after each order."""
+    rng = np.random.default_rng(seed)
+    first = rng.uniform(0, 500, n)
+    lam = rng.gamma(1.2, 1 / 40, n)  # orders per day while alive (mean one order every ~33 days)
+    p_drop = rng.beta(1.0, 5.0, n)
+    mean_value = np.exp(rng.normal(3.6, 0.5, n))
+    end = (AS_OF - START).days + HORIZON + 1
+    t = first.copy()
+    alive = np.ones(n, bool)
+    rows = [(np.arange(n), t.copy())]
+    for _ in range(200):  # vectorised over customers, one purchase index at a time
+        t = t + rng.exponential(1 / lam)
+        alive &= t < end
+        if not alive.any():
+            break
+        rows.append((np.flatnonzero(alive), t[alive].copy()))
+        alive &= rng.random(n) >= p_drop
+    cust = np.concatenate([r[0] for r in rows])
+    day = np.concatenate([r[1] for r in rows])
+    value = rng.gamma(4.0, mean_value[cust] / 4.0)
+    return pd.DataFrame({"customer_id": [f"C{c:05d}" for c in cust], "date": START + pd.to_timedelta(np.floor(day), unit="D"),
+                         "value": np.round(value, 2)})
+
+
+def features_at(tx: pd.DataFrame, cutoff: pd.Timestamp) -> pd.DataFrame:
+    """customer_features numeric columns at ``cutoff`` (an order = a customer's purchases of one day)."""
+    orders = tx[tx["date"] <= cutoff].groupby(["customer_id", "date"], as_index=False)["value"].sum()
+    g = orders.groupby("customer_id")
+    first, last, n = g["date"].min(), g["date"].max(), g.size()
+    spend = g["value"].sum()
+    f = pd.DataFrame({
+        "recency_days": (cutoff - last).dt.days, "tenure_days": (cutoff - first).dt.days, "n_orders": n,
+        "net_spend": spend, "gross_spend": spend, "avg_order_value": spend / n,
+        "avg_days_between_orders": ((last - first).dt.days / (n - 1)).where(n > 1),
+    }).astype(float)
+    f.index.name = "customer_id"
+    return f.reset_index()
+
+
+def training_set(tx: pd.DataFrame, snapshots: int = 3) -> pd.DataFrame:
+    parts = []
+    for s in range(1, snapshots + 1):
+        cutoff = AS_OF - pd.Timedelta(days=s * HORIZON)
+        f = features_at(tx, cutoff)
+        window = tx[(tx["date"] > cutoff) & (tx["date"] <= cutoff + pd.Timedelta(days=HORIZON))]
+        f["future_spend"] = f["customer_id"].map(window.groupby("customer_id")["value"].sum()).fillna(0.0).to_numpy()
+        f["has_future_purchase"] = f["future_spend"] > 0
+        f.insert(1, "snapshot", s)
+        f.insert(2, "feature_cutoff_date", cutoff)
+        f.insert(3, "horizon_days", float(HORIZON))
+        parts.append(f)
+    return pd.concat(parts, ignore_index=True)
+
+
+def scoring_set(tx: pd.DataFrame) -> pd.DataFrame:
+    f = features_at(tx, AS_OF)
+    f.insert(1, "feature_cutoff_date", AS_OF)
+    f.insert(2, "horizon_days", float(HORIZON))
+    return f
+
+
+@pytest.fixture(scope="module")
+def tx():
+    return simulate_transactions()
+
+
+@pytest.fixture(scope="module")
+def train(tx):
+    return training_set(tx)
+
+
+@pytest.fixture(scope="module")
+def clv(train):
+    return fit_value(train)
+
+
+@pytest.fixture(scope="module")
+def churn(train):
+    return fit_churn(train)
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def test_metric_definitions_on_a_hand_example():
+    y = np.array([100.0, 0, 0, 0, 0, 0, 0, 0, 0, 50.0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 50.0])
+    p = np.zeros(20)
+    p[9], p[19] = 5.0, 4.0  # the top 10 % (2 customers) by prediction are customers 9 and 19
+    assert top_decile_capture(y, p) == pytest.approx(0.5)
+    m = value_metrics(y, p)
+    assert list(m) == list(REGRESSION_METRICS)
+    assert m["total_spend_error"] == pytest.approx(9 / 200 - 1)
+    assert m["rmse"] == pytest.approx(np.sqrt(np.mean((y - p) ** 2)))
+    assert value_metrics(y, np.zeros(20))["spearman"] == 0.0  # constant prediction: no ranking information
+
+
+# -------------------------------------------------------------------------------------------------- CLV
+def test_clv_beats_all_zero_and_linear_on_temporal_holdout(clv):
+    m = clv.metrics
+    assert set(REGRESSION_METRICS) <= set(m.columns)
+    assert {"all_zero", "rate_extrapolation", "linear_regression", "random_forest", "hist_gbm_poisson"} <= set(m.index)
+    assert m.loc[m["kind"] == "model", list(REGRESSION_METRICS)].notna().all().all()
+    champ = m.loc[clv.champion]
+    assert clv.champion != "linear_regression"
+    assert champ["rmse"] < m.loc["all_zero", "rmse"]
+    assert champ["rmse"] < m.loc["linear_regression", "rmse"]
+    assert champ["top_decile_capture"] > m.loc["linear_regression", "top_decile_capture"] - 0.02
+    assert champ["top_decile_capture"] > 0.3  # random ranking would capture ~0.1
+    assert abs(champ["total_spend_error"]) < 0.3
+    # validated on snapshot 1 only, trained on older snapshots
+    assert clv.params["n_valid"] == len(clv.validation)
+
+
+def test_churn_model_ranks_clearly_better_than_chance(churn):
+    m = churn.metrics
+    assert set(CHURN_METRICS) <= set(m.columns)
+    champ = m.loc[churn.champion]
+    assert champ["roc_auc"] > 0.7
+    assert champ["brier"] < m.loc["base_rate", "brier"]
+    assert champ["pr_auc"] > champ["churn_rate"]
+    cal = calibration_table(churn.validation["actual"], churn.validation[churn.champion])
+    assert len(cal) >= 5 and cal["observed_rate"].between(0, 1).all()
+
+
+def test_scores_for_the_scoring_set_and_a_single_customer(tx, clv, churn):
+    scoring = scoring_set(tx)
+    scores = score_customers(scoring, clv.model, churn.model)
+    assert len(scores) == len(scoring) and scores["customer_id"].is_unique
+    assert (scores["predicted_spend"] >= 0).all() and scores["churn_probability"].between(0, 1).all()
+    assert set(scores["value_decile"]) == set(range(1, 11))
+    # Higher deciles hold higher predictions.
+    assert scores.groupby("value_decile")["predicted_spend"].mean().is_monotonic_increasing
+    # One customer alone (too few to refit BG/NBD): the parameters learnt at training time are used.
+    one = score_customers(scoring.iloc[[0]], clv.model, churn.model)
+    assert np.isfinite(one["predicted_spend"]).all() and one["churn_probability"].between(0, 1).all()
+    # A NULL feature (e.g. avg_days_between_orders of a one-order customer) is handled by the models.
+    assert np.isfinite(clv.model.predict(scoring.iloc[:50].assign(avg_order_value=np.nan))).all()
+
+
+def test_plots_are_written(clv, churn, tmp_path):
+    v = clv.validation
+    paths = [
+        plot_clv_deciles(v["actual"], v[clv.champion], tmp_path / "deciles.png"),
+        plot_pred_vs_actual(v["actual"], v[clv.champion], tmp_path / "scatter.png"),
+        plot_feature_importances(clv.feature_importances, tmp_path / "imp.png"),
+        plot_calibration(calibration_table(churn.validation["actual"], churn.validation[churn.champion]), tmp_path / "cal.png"),
+    ]
+    for p in paths:
+        assert p.read_bytes()[:4] == b"\x89PNG" and p.stat().st_size > 3000
+    assert clv.feature_importances["importance"].iloc[0] > 0
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_empty_training_set_is_a_clear_error(train):
+    with pytest.raises(ValueInputError, match="empty"):
+        fit_value(train.iloc[:0])
+
+
+def test_one_snapshot_cannot_be_validated_temporally(train):
+    with pytest.raises(ValueInputError, match="training_snapshots"):
+        fit_value(train[train["snapshot"] == 1], use_btyd=False)
+
+
+def test_null_labels_and_missing_columns_are_clear_errors(train):
+    bad = train.copy()
+    bad.loc[bad.index[:3], "future_spend"] = np.nan
+    with pytest.raises(ValueInputError, match="NULL future_spend"):
+        fit_value(bad)
+    with pytest.raises(ValueInputError, match="lacks the contract columns"):
+        fit_value(train.drop(columns="tenure_days"))
+
+
+def test_churn_with_one_class_is_a_clear_error(train):
+    everyone_buys = train.assign(future_spend=10.0, has_future_purchase=True)
+    with pytest.raises(ValueInputError, match="both buyers and non-buyers"):
+        fit_churn(everyone_buys, use_btyd=False)
+
+
+def test_identical_features_give_a_documented_flat_prediction():
+    """All customers alike: no model can rank them; the fit succeeds and predicts (nearly) one value."""
+    rows = []
+    for s in (1, 2):
+        rows.append(pd.DataFrame({
+            "customer_id": [f"C{i}" for i in range(300)], "snapshot": s,
+            "feature_cutoff_date": AS_OF - pd.Timedelta(days=s * HORIZON), "horizon_days": float(HORIZON),
+            "recency_days": 10.0, "tenure_days": 100.0, "n_orders": 3.0, "net_spend": 90.0, "avg_order_value": 30.0,
+            "future_spend": np.tile([0.0, 0.0, 60.0], 100), "has_future_purchase": np.tile([False, False, True], 100),
+        }))
+    res = fit_value(pd.concat(rows, ignore_index=True))
+    pred = res.validation[res.champion].to_numpy()
+    assert np.isfinite(pred).all() and np.ptp(pred) < 1e-6 * max(1.0, abs(pred).max())
+    assert pred.mean() == pytest.approx(20.0, rel=0.05)  # the mean spend: the best flat prediction
