@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ml.config import PROJECT_ROOT, Settings
+from ml.dbt import dbt_env
 from ml.errors import CrmError
 
 DAG_ID = "crm_nightly"
@@ -70,7 +71,6 @@ def airflow_env(
     """
     home = home or airflow_home(settings)
     env = dict(os.environ if base is None else base)
-    wh = settings.warehouse
     env.update(
         {
             "AIRFLOW_HOME": str(home.root),
@@ -98,7 +98,6 @@ def airflow_env(
             # Find new DAG files quickly on a laptop; the default 5 minutes is meant for big deployments.
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
             "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "30",
-            "AIRFLOW__SCHEDULER__STANDALONE_DAG_PROCESSOR": "True",
             # No outbound calls: Cosmos telemetry off (both its own switch and the common conventions).
             "AIRFLOW__COSMOS__ENABLE_TELEMETRY": "False",
             "DO_NOT_TRACK": "1",
@@ -110,15 +109,11 @@ def airflow_env(
             "CRM_PG_PORT": str(settings.embedded_port),
             "CRM_TIMEZONE": settings.timezone,
             "MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri,
-            # The dbt profile (dbt_project/profiles.yml) reads these.
-            "CRM_DBT_HOST": wh.host,
-            "CRM_DBT_PORT": str(wh.port),
-            "CRM_DBT_USER": wh.user,
-            "CRM_DBT_PASSWORD": wh.password,
-            "CRM_DBT_DBNAME": wh.database,
             "PYTHONPATH": os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p),
         }
     )
+    # The dbt profile (dbt_project/profiles.yml) reads CRM_DBT_*; dbt's own offline switches come along.
+    env.update({k: v for k, v in dbt_env(settings).items() if k.startswith(("CRM_DBT_", "DBT_"))})
     # Only an explicit database or server is exported: the embedded default stays "embedded" in tasks.
     default_embedded = Settings.from_env({"CRM_STATE_DIR": str(settings.state_dir),
                                           "CRM_PG_PORT": str(settings.embedded_port)})
@@ -186,17 +181,17 @@ def ensure_dbt_manifest(settings: Settings) -> Path | None:
     """Produce the dbt manifest the DAG reads (``dbt parse``); None when there is no dbt project yet."""
     if not (settings.dbt_project_dir / "dbt_project.yml").exists():
         return None
-    from ml import dbt
+    from ml.dbt import dbt_parse
 
-    return dbt.parse(settings)
+    return dbt_parse(settings)
 
 
 def dags_test(settings: Settings, conf: Mapping | None = None, *, logical_date: str | None = None,
               env: Mapping[str, str] | None = None, timeout: float = 3600) -> subprocess.CompletedProcess:
     """Run the nightly DAG once, in one process, without a scheduler (``airflow dags test``).
 
-    Returns the completed process (its output holds every task's log); raises CrmError when the run
-    fails, with the output's tail.
+    Returns the completed process (its output holds every task's log, also written to
+    ``<airflow home>/logs/dags_test.log``); raises CrmError when the run fails, with the output's tail.
     """
     env = env or prepare(settings)
     args = ["dags", "test", DAG_ID]
@@ -204,4 +199,24 @@ def dags_test(settings: Settings, conf: Mapping | None = None, *, logical_date: 
         args.append(logical_date)
     if conf:
         args += ["--conf", json.dumps(dict(conf))]
-    return run_airflow(env, *args, timeout=timeout, capture=True)
+    done = run_airflow(env, *args, timeout=timeout, capture=True, check=False)
+    log_file = Path(env["AIRFLOW_HOME"]) / "logs" / "dags_test.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    log_file.write_text((done.stdout or "") + (done.stderr or ""))
+    if done.returncode != 0:
+        raise CrmError(f"the {DAG_ID} run failed: {failure_summary(log_file.read_text())}\nfull log: {log_file}")
+    return done
+
+
+def failure_summary(output: str) -> str:
+    """The lines of an ``airflow dags test`` output that say what failed (our errors' messages)."""
+    lines = output.splitlines()
+    keep: list[str] = []
+    for i, line in enumerate(lines):
+        # An exception's message line ("ml.params.InvalidParams: ...") and its indented continuation.
+        if line and not line[0].isspace() and ("Error: " in line or "Invalid" in line or "Failed: " in line) \
+                and ":" in line and not line.startswith("20"):
+            keep.append(line)
+            keep += [ln for ln in lines[i + 1:i + 12] if ln.startswith("  ")]
+    failed = [ln.split("[DAG TEST]")[-1].strip() for ln in lines if "Marking task as FAILED" in ln]
+    return "\n".join(dict.fromkeys(keep + failed)) or "see the log"

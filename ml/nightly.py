@@ -54,7 +54,46 @@ def load_raw(settings: Settings, params: Mapping[str, Any], *, run_after: dateti
             log.info("raw layer was empty: generated the demo CRM: %s", report.summary())
             loaded = {"generated": True, "report": report.summary()}
         as_of = resolve_as_of(conn, params, run_after=run_after, timezone=settings.timezone)
-    return {**loaded, "as_of": as_of.isoformat()}
+    log.info("as_of for this run: %s", as_of)
+    return {**loaded, "as_of": as_of.isoformat(), "dbt_vars": dbt_vars(params, as_of)}
+
+
+def dbt_vars(params: Mapping[str, Any], as_of: date) -> dict[str, Any]:
+    """The dbt vars of this run: always a concrete as_of, so every model of the run sees the same date."""
+    return {"as_of": as_of.isoformat(), "horizon_days": int(params["horizon_days"])}
+
+
+def dbt_runtime(settings: Settings, params: Mapping[str, Any], loaded: Mapping[str, Any]) -> dict[str, Any]:
+    """What each Cosmos dbt task needs at run time and never at parse time: vars, the --full-refresh flag
+    and the profile's connection variables (kept out of the serialized DAG, which must hold no secrets)."""
+    from ml.dbt import dbt_env
+
+    env = {k: v for k, v in dbt_env(settings).items() if k.startswith(("CRM_DBT_", "DBT_"))}
+    return {"vars": dict(loaded["dbt_vars"]), "full_refresh": bool(params["full_refresh"]), "env": env}
+
+
+# The marts training reads: an empty one means the run has nothing to learn from, which is an error.
+REQUIRED_MARTS = ("marts.customer_features", "marts.basket_lines", "marts.clv_training_set",
+                  "marts.clv_scoring_set", "marts.dim_customers", "marts.dim_products")
+
+
+def check_marts(settings: Settings, loaded: Mapping[str, Any]) -> dict[str, Any]:
+    """Gate between dbt and training: the marts are built for this run's as_of and are not empty."""
+    from ml.errors import CrmError
+    from ml.warehouse import connect, table_counts
+
+    with connect(settings) as conn:
+        counts = table_counts(conn, ("marts",))
+        built_as_of = conn.execute("select max(as_of_date) from marts.customer_features").fetchone()[0]
+    empty = [t for t in REQUIRED_MARTS if counts.get(t, 0) == 0]
+    if empty:
+        raise CrmError(f"marts empty or missing after dbt build: {', '.join(empty)} (as_of {loaded['as_of']})")
+    if built_as_of is None or built_as_of.isoformat() != loaded["as_of"]:
+        raise CrmError(
+            f"marts.customer_features is as of {built_as_of}, expected {loaded['as_of']}: "
+            "the dbt build did not run with this run's as_of"
+        )
+    return {"as_of": loaded["as_of"], "marts": counts}
 
 
 def resolve_as_of(conn, params: Mapping[str, Any], *, run_after: datetime | None, timezone: str) -> date:
@@ -70,7 +109,18 @@ def resolve_as_of(conn, params: Mapping[str, Any], *, run_after: datetime | None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=ZoneInfo("UTC"))
     cutoff = moment.astimezone(ZoneInfo(timezone)).date() - timedelta(days=1)
-    latest = conn.execute(
-        "select max(ordered_at)::date from raw.orders where ordered_at < %s::date + 1", [cutoff]
-    ).fetchone()[0]
-    return latest or cutoff
+    latest = _latest_valid_order_date(conn)
+    return min(latest, cutoff) if latest else cutoff
+
+
+def _latest_valid_order_date(conn) -> date | None:
+    """dbt's definition (``int_as_of.latest_valid_order_date``: skips sparse clock-error dates) when a
+    previous build left its view; on the very first run, the latest order not stamped after its load."""
+    has_view = conn.execute("select to_regclass('staging.int_as_of') is not null").fetchone()[0]
+    if has_view:
+        try:
+            with conn.transaction():
+                return conn.execute("select latest_valid_order_date from staging.int_as_of").fetchone()[0]
+        except Exception as err:  # a view broken by a model change: the fallback below is still correct
+            log.warning("staging.int_as_of unreadable (%s); using raw.orders", err)
+    return conn.execute("select max(ordered_at)::date from raw.orders where ordered_at <= _loaded_at").fetchone()[0]

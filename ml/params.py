@@ -19,8 +19,9 @@ from typing import Any
 
 from ml.errors import CrmError
 
-# Clustering families the segmentation step can try; the names are what ml/segmentation.py receives.
-SEGMENTATION_FAMILIES = ("kmeans", "gmm", "hierarchical", "som")
+# Clustering families the segmentation step can try: the names ml/segmentation.py's FAMILIES accepts (a
+# copy, because importing ml.segmentation pulls scikit-learn into every DAG parse; a test keeps them equal).
+SEGMENTATION_FAMILIES = ("kmeans", "gmm", "ward", "hdbscan", "som")
 PROMOTION_POLICIES = ("auto", "never", "force")
 
 # Bounds shared by the form (JSON schema) and the Python validation, so they can never disagree.
@@ -266,7 +267,10 @@ def _number(value: Any) -> float:
     if isinstance(value, bool):
         raise _Bad(f"{_show(value)} is not a number")
     if isinstance(value, int | float):
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # a JSON integer beyond float range (the REST API accepts any size)
+            raise _Bad("the number is too large to be a threshold (beyond ±1.8e308)") from None
     elif isinstance(value, str):
         try:
             number = float(value.strip())
