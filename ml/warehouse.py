@@ -226,6 +226,9 @@ def copy_in(conn: psycopg.Connection, table: str, frame: pd.DataFrame | pa.Table
     arrow = frame if isinstance(frame, pa.Table) else pa.Table.from_pandas(frame, preserve_index=False)
     if arrow.num_rows == 0:
         return 0
+    # pyarrow 25's CSV writer emits garbage (stale or zero bytes) for a column whose chunks start with an
+    # empty one, which pd.concat with an empty frame produces: drop empty chunks first (zero-copy).
+    arrow = pa.Table.from_batches([b for b in arrow.to_batches() if b.num_rows], schema=arrow.schema)
     buffer = io.BytesIO()
     pacsv.write_csv(arrow, buffer, pacsv.WriteOptions(include_header=False, quoting_style="needed"))
     columns = sql.SQL(", ").join(sql.Identifier(c) for c in arrow.column_names)

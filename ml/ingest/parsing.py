@@ -41,7 +41,9 @@ _UTF8_BOM = b"\xef\xbb\xbf"
 
 # One CSV field: unquoted (may hold a quote after its first character, as spreadsheets write `12" RULER`),
 # quoted with doubled inner quotes, or empty. A line is well-formed when it is exactly N such fields.
-_FIELD = r'(?:[^",][^,]*|"(?:[^"]|"")*"|)'
+# No field holds a carriage return (Arrow's reader would end the row there) or a NUL byte (PostgreSQL
+# text cannot store it): such lines are quarantined, never allowed to fail the whole file.
+_FIELD = r'(?:[^",\r\x00][^,\r\x00]*|"(?:[^"\r\x00]|"")*"|)'
 
 INT32_MAX = 2**31 - 1
 # raw.* money columns are numeric(14, 4): anything at or above 10^10 would overflow the COPY.
@@ -198,6 +200,9 @@ def split_fields(lines: pd.DataFrame, names: list[str]) -> tuple[pd.DataFrame, p
         }
     )
     good = lines[ok].reset_index(drop=True)
+    if good.empty:  # Arrow refuses an empty body; every line was malformed
+        empty, _ = split_fields(good, names)
+        return empty, rejected
     body = "\n".join(good["text"]).encode("utf-8")
     table = pacsv.read_csv(
         io.BytesIO(body),
@@ -220,6 +225,10 @@ def split_fields(lines: pd.DataFrame, names: list[str]) -> tuple[pd.DataFrame, p
 
 
 def _explain_malformed(line: str, expected: int) -> str:
+    if "\x00" in line:
+        return "NUL byte inside the line"
+    if "\r" in line:
+        return "carriage return inside the line (a line break that is not a newline)"
     try:
         rows = list(csv.reader([line], strict=True))
     except csv.Error as err:
@@ -278,7 +287,8 @@ def parse_money(values: pd.Series, what: str, problems: Problems) -> pd.Series:
     """Decimal amounts as float64 (stored as numeric(14, 4)); unparsable or overflowing ones are problems."""
     number = pd.to_numeric(values, errors="coerce")
     missing = number.isna()
-    too_big = ~missing & ~(number.abs() < MONEY_MAX_ABS)  # also catches inf
+    # Compared after rounding to the column's 4 decimals: 9999999999.99999 rounds to 10^10 and overflows.
+    too_big = ~missing & ~(number.round(4).abs() < MONEY_MAX_ABS)  # also catches inf
     problems.add(missing & values.eq(""), f"empty {what}")
     problems.add(missing & values.ne(""), what + " " + quoted(values) + " is not a number")
     problems.add(too_big, what + " " + quoted(values) + " is out of range")
@@ -292,10 +302,12 @@ def parse_timestamp(values: pd.Series, what: str, problems: Problems, *, fmt: st
     shows a first component above 12 and no second one above 12, which only a day-first file can. The
     order is decided once per file, never per value, so one file is never read two ways.
     """
+    # utc=True: naive values keep their wall time and values with offsets become UTC, so a file mixing both
+    # (or several offsets) parses instead of raising "Mixed timezones detected".
     if fmt is not None:
-        parsed = pd.to_datetime(values, format=fmt, errors="coerce")
+        parsed = pd.to_datetime(values, format=fmt, errors="coerce", utc=True)
     else:
-        parsed = pd.to_datetime(values, format="ISO8601", errors="coerce")
+        parsed = pd.to_datetime(values, format="ISO8601", errors="coerce", utc=True)
         slash = parsed.isna() & values.str.contains("/", regex=False)
         if slash.any():
             parts = values[slash].str.extract(r"^(\d{1,2})/(\d{1,2})/\d{2,4}").astype("float64")
@@ -305,11 +317,12 @@ def parse_timestamp(values: pd.Series, what: str, problems: Problems, *, fmt: st
                 todo = parsed.isna() & slash
                 if not todo.any():
                     break
-                attempt = pd.to_datetime(values[todo], format=date_fmt + time_fmt, errors="coerce")
+                attempt = pd.to_datetime(values[todo], format=date_fmt + time_fmt, errors="coerce", utc=True)
                 parsed = parsed.mask(todo, attempt)
-    if getattr(parsed.dt, "tz", None) is not None:  # an offset in the text: keep wall time in UTC
-        parsed = parsed.dt.tz_convert("UTC").dt.tz_localize(None)
-    parsed = parsed.astype("datetime64[us]")
+    parsed = parsed.dt.tz_convert("UTC").dt.tz_localize(None).astype("datetime64[us]")
+    # pandas reads "now" and "today" as the current clock time: never a date from a file (and not idempotent);
+    # and it accepts the year 0, which PostgreSQL (1 BC) refuses.
+    parsed = parsed.mask(values.isin(["now", "today"]) | (parsed.dt.year < 1))
     missing = parsed.isna()
     problems.add(missing & values.eq(""), f"empty {what}")
     problems.add(missing & values.ne(""), what + " " + quoted(values) + " is not a date")
@@ -377,7 +390,9 @@ def load_prepared(
             batch.report.lines_read = data.lines_read
             tables = iter(data.tables.items())
             batch.copy(*next(tables))  # the primary table, then its rejects, then the tables derived from it
-            batch.quarantine(data.rejected.assign(target_table=primary_table))
+            # PostgreSQL text cannot hold NUL: keep the quarantined line readable as the escape \x00.
+            raw_text = data.rejected["raw_text"].astype("str").str.replace("\x00", "\\x00", regex=False)
+            batch.quarantine(data.rejected.assign(raw_text=raw_text, target_table=primary_table))
             for table, frame in tables:
                 batch.copy(table, frame)
 
