@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mining-timeout", type=float, default=600, help="seconds per miner run before it is stopped")
     parser.add_argument("--fimi-baskets", type=int, default=0,
                         help="mine only the first N baskets of the FIMI file (0 = all; smoke tests use a slice)")
+    parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                        help="write a pyinstrument profile of every in-process step into DIR (needs pyinstrument)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary warehouse folder")
     args = parser.parse_args(argv)
     groups = [g.strip() for g in args.steps.split(",") if g.strip()]
@@ -59,7 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> pipeline.Bench:
-    bench = pipeline.Bench()
+    bench = pipeline.Bench(profile_dir=args.profile)
     groups = set(args.groups)
     if groups & NEEDS_WAREHOUSE:
         with pipeline.temp_warehouse(keep=args.keep) as settings:

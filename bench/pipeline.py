@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib
+import re
 import shutil
 import socket
 import sys
@@ -78,17 +79,38 @@ class Bench:
     server_pid: int | None = None
     results: list[StepResult] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    profile_dir: Path | None = None  # pyinstrument text profiles of every in-process step go here
 
     @contextmanager
     def step(self, name: str, *, kind: str = "pipeline", reference: str | None = None) -> Iterator[StepResult]:
         log(f"start  {name}")
-        with measure(name, server_pid=self.server_pid, reference=reference) as result:
+        with measure(name, server_pid=self.server_pid, reference=reference) as result, self._profiled(name, result):
             result.notes["kind"] = kind
             yield result
         self.results.append(result)
         rate = f", {result.rows_per_s:,.0f} rows/s" if result.rows_per_s else ""
         log(f"end    {name}: {result.seconds:.2f} s{rate}, peak RSS python {result.peak_rss_python_mb:.0f} MB, "
             f"server {result.peak_rss_server_mb:.0f} MB")
+
+    @contextmanager
+    def _profiled(self, name: str, result: StepResult) -> Iterator[None]:
+        """A statistical profile of the step (pyinstrument, ~1 ms sampling) when ``profile_dir`` is set:
+        the evidence of what bounds a step that misses its target."""
+        if self.profile_dir is None:
+            yield
+            return
+        from pyinstrument import Profiler
+
+        profiler = Profiler(interval=0.005)
+        profiler.start()
+        try:
+            yield
+        finally:
+            profiler.stop()
+            self.profile_dir.mkdir(parents=True, exist_ok=True)
+            path = self.profile_dir / (re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") + ".txt")
+            path.write_text(profiler.output_text(unicode=False, color=False, show_all=False))
+            result.notes["profile"] = str(path)
 
     def add(self, result: StepResult) -> None:
         self.results.append(result)
@@ -190,8 +212,21 @@ def _entry_point(step: str) -> Callable | None:
 
 
 def _read(settings: Settings, table: str) -> pd.DataFrame:
+    """A mart as a DataFrame, booleans as booleans.
+
+    ``ml.warehouse.copy_out`` parses PostgreSQL's CSV booleans (``t``/``f``) as text, and ``"f"`` is truthy:
+    ``has_future_purchase`` would read as all-true. Converted here until copy_out passes
+    ``true_values=["t"], false_values=["f"]`` to Arrow.
+    """
     with connect(settings) as conn:
-        return read_table(conn, table)
+        boolean = [name for (name,) in conn.execute(
+            "select column_name from information_schema.columns where table_schema || '.' || table_name = %s "
+            "and data_type = 'boolean'", [table]).fetchall()]
+        frame = read_table(conn, table)
+    for column in boolean:
+        if frame[column].dtype != bool:
+            frame[column] = frame[column].map({"t": True, "f": False, True: True, False: False}).astype("boolean")
+    return frame
 
 
 def train_families(bench: Bench, settings: Settings) -> dict:
@@ -359,8 +394,9 @@ def incremental_night(bench: Bench, settings: Settings, end_date: dt.date, train
         step.notes.update(rows_by_table=loaded)
     with bench.step(DBT_INCREMENTAL, reference=DBT_FULL) as step:
         result = dbt_build(settings, **DBT_VARS)
-        step.rows = step_rows = loaded.get("raw.order_lines", 0)
-        step.notes.update(nodes=result.status_counts(), slowest=_slowest(result), new_order_lines=step_rows)
+        # no rows: its work is the whole graph's tables and tests, not the new lines (those are in notes)
+        step.notes.update(nodes=result.status_counts(), slowest=_slowest(result),
+                          new_order_lines=loaded.get("raw.order_lines", 0))
     rescore(bench, settings, trained)
 
 

@@ -99,32 +99,43 @@ def publish_floor(bench: Bench, settings: Settings, frames: dict) -> None:
 # Itemset mining, one subprocess per (miner, support)
 # ---------------------------------------------------------------------------------------------------------
 _MINER_CHILD = textwrap.dedent("""
-    import gzip, json, math, resource, sys, time
+    import gzip, json, math, sys, time
     miner, support, limit = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
-    with gzip.open(sys.argv[4], "rt") as fh:
-        tx = [line.split() for line in fh if line.strip()]
-    if limit:
-        tx = tx[:limit]
-    started = time.perf_counter()
+
+    def high_water_mb():
+        # VmHWM is this process's own peak (getrusage's ru_maxrss would carry the parent's size across exec)
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM")) / 1024
+
+    # imports first, outside the timed part: every miner pays its library's import once per process
     if miner == "ours":
         from ml.baskets import FrequentItemsets
-        n = len(FrequentItemsets(algorithm="fpgrowth", min_support=support).fit(tx).itemsets_)
     elif miner == "pyfim":
         from fim import fpgrowth
-        n = len(fpgrowth(tx, target="s", supp=-math.ceil(round(support * len(tx), 9)), report="a"))
     elif miner == "mlxtend":
         import pandas as pd
         from mlxtend.frequent_patterns import fpgrowth
         from mlxtend.preprocessing import TransactionEncoder
+    else:
+        raise SystemExit("unknown miner " + miner)
+    with gzip.open(sys.argv[4], "rt") as fh:
+        tx = [line.split() for line in fh if line.strip()]
+    if limit:
+        tx = tx[:limit]
+    before_mb = high_water_mb()
+    started = time.perf_counter()
+    if miner == "ours":
+        n = len(FrequentItemsets(algorithm="fpgrowth", min_support=support).fit(tx).itemsets_)
+    elif miner == "pyfim":
+        n = len(fpgrowth(tx, target="s", supp=-math.ceil(round(support * len(tx), 9)), report="a"))
+    else:
         enc = TransactionEncoder()
         onehot = enc.fit(tx).transform(tx, sparse=True)  # dense 88k x 16k booleans would be 1.4 GB
         frame = pd.DataFrame.sparse.from_spmatrix(onehot, columns=enc.columns_)
         n = len(fpgrowth(frame, min_support=support))
-    else:
-        raise SystemExit("unknown miner " + miner)
     seconds = time.perf_counter() - started
-    print(json.dumps({"itemsets": n, "seconds": seconds, "baskets": len(tx),
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"itemsets": n, "seconds": seconds, "baskets": len(tx), "peak_rss_mb": high_water_mb(),
+                      "rss_before_mining_mb": before_mb}))
 """)
 
 
@@ -148,7 +159,8 @@ def itemset_mining(bench: Bench, *, timeout: float = 600, fimi_baskets: int = 0)
                     result.seconds = out["seconds"]
                     result.rows = out["itemsets"]  # rows/s here = itemsets/s
                     result.peak_rss_python_mb = out["peak_rss_mb"]
-                    result.notes.update(itemsets=out["itemsets"], baskets=out["baskets"])
+                    result.notes.update(itemsets=out["itemsets"], baskets=out["baskets"],
+                                        rss_before_mining_mb=round(out["rss_before_mining_mb"]))
             except subprocess.TimeoutExpired:
                 result.seconds = timeout
                 result.notes["timeout"] = f"stopped after {timeout:g} s (time shown is the cap, not a result)"
@@ -239,7 +251,7 @@ _DAGBAG_CHILD = textwrap.dedent("""
     except ImportError:
         from airflow.models.dagbag import DagBag
     t1 = time.perf_counter()
-    bag = DagBag(dag_folder=sys.argv[1], include_examples=False)
+    bag = DagBag(dag_folder=sys.argv[1])  # examples are off: AIRFLOW__CORE__LOAD_EXAMPLES=False
     t2 = time.perf_counter()
     stats = [{"file": s.file, "duration_s": getattr(s.duration, "total_seconds", lambda: s.duration)()}
              for s in bag.dagbag_stats]
