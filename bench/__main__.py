@@ -20,6 +20,7 @@ Step groups (``--steps``, comma separated; default all):
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -60,6 +61,96 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _by_name(results) -> dict:
+    return {(r["step"] if isinstance(r, dict) else r.step): (r if isinstance(r, dict) else vars(r) | {
+        "rows_per_s": r.rows_per_s}) for r in results}
+
+
+def target_rows(results, customers: int | None = None) -> list[tuple[str, str, str, str, str]]:
+    """Issue 7's targets against this run's figures: (target, ours, reference, ratio, verdict).
+
+    ``results`` are StepResults or the step dicts of a results.jsonl line, so RESULTS.md can be rebuilt
+    from any recorded run. A figure that this run did not measure says so.
+    """
+    s = _by_name(results)
+    rows = []
+
+    def verdict(ok: bool | None) -> str:
+        return "n/a" if ok is None else ("met" if ok else "NOT met")
+
+    full, inc = s.get(pipeline.NIGHTLY_FULL), s.get(pipeline.NIGHTLY_INCREMENTAL)
+    if full:
+        at_scale = customers is None or customers >= 1_000_000  # the 10 minutes are for 1M customers
+        rows.append(("whole nightly, raw to published (<= 10 min at 1M)", f"{full['seconds']:.0f} s", "600 s",
+                     f"{full['seconds'] / 600:.2f}",
+                     verdict(full["seconds"] <= 600) if at_scale else "(1M target)"))
+        steps = [v for v in s.values() if v["notes"].get("kind") == "pipeline"]
+        peak = max(v["peak_rss_python_mb"] + v["peak_rss_server_mb"] for v in steps)
+        rows.append(("peak RSS of the run, python + server (<= 6 GB)", f"{peak:,.0f} MB", "6,144 MB",
+                     f"{peak / 6144:.2f}", verdict(peak <= 6144)))
+    if full and inc:
+        ratio = inc["seconds"] / full["seconds"]
+        rows.append(("incremental night (<= 10 % of the full run)", f"{inc['seconds']:.1f} s",
+                     f"{full['seconds']:.1f} s", f"{ratio:.2f}", verdict(ratio <= 0.10)))
+    pub, floor = s.get(pipeline.PUBLISH), s.get(reference.FLOOR_PUBLISH)
+    if pub and floor and pub["rows_per_s"] and floor["rows_per_s"]:
+        ratio = pub["rows_per_s"] / floor["rows_per_s"]
+        rows.append(("publish rows/s (>= 70 % of raw COPY)", f"{pub['rows_per_s']:,.0f}/s",
+                     f"{floor['rows_per_s']:,.0f}/s", f"{ratio:.2f}", verdict(ratio >= 0.70)))
+    ours, pyfim = s.get(reference.mining_step("ours", 0.001)), s.get(reference.mining_step("pyfim", 0.001))
+    if ours and pyfim and pyfim["seconds"] > 0:
+        ratio = ours["seconds"] / pyfim["seconds"]
+        rows.append(("itemsets 0.1 % retail.dat, time (<= 2x pyfim)", f"{ours['seconds']:.2f} s",
+                     f"{pyfim['seconds']:.2f} s", f"{ratio:.1f}", verdict(ratio <= 2)))
+        rows.append(("itemsets 0.1 % retail.dat, peak memory (<= 300 MB)", f"{ours['peak_rss_python_mb']:.0f} MB",
+                     f"pyfim {pyfim['peak_rss_python_mb']:.0f} MB", f"{ours['peak_rss_python_mb'] / 300:.2f}",
+                     verdict(ours["peak_rss_python_mb"] <= 300)))
+    dag = s.get(reference.DAG_PARSE)
+    if dag and "error" not in dag["notes"]:
+        rows.append(("DAG parse (<= 1 s)", f"{dag['seconds']:.2f} s", "1 s", f"{dag['seconds']:.2f}",
+                     verdict(dag["seconds"] <= 1)))
+    load, copy = s.get(pipeline.LOAD), s.get(reference.FLOOR_COPY_IN)
+    if load and load["rows_per_s"]:
+        floor_rate = f"COPY floor {copy['rows_per_s']:,.0f}/s" if copy and copy["rows_per_s"] else "500,000/s"
+        rows.append(("generator + loader (>= 500k order lines/s)", f"{load['rows_per_s']:,.0f}/s", floor_rate,
+                     f"{load['rows_per_s'] / 500_000:.2f}", verdict(load["rows_per_s"] >= 500_000)))
+    one, per_model = s.get(reference.DBT_ONE), s.get(reference.DBT_PER_MODEL)
+    if one and per_model and one["seconds"] > 0:
+        rows.append(("dbt via the DAG's tasks vs one dbt build (overhead)", f"{per_model['seconds']:.0f} s",
+                     f"{one['seconds']:.0f} s", f"{per_model['seconds'] / one['seconds']:.1f}", "(no target)"))
+    return rows
+
+
+def format_targets(rows) -> str:
+    header = ("target", "ours", "reference", "ratio", "")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(5)]
+    lines = [" | ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) for row in [header, *rows]]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown_report(record: dict) -> str:
+    """One recorded run (a results.jsonl line) as the Markdown RESULTS.md holds: targets, then every step."""
+    out = [f"### {record['customers']:,} customers",
+           "",
+           f"{record['date']} · commit `{record['commit']}` · {record['cores']} cores, {record['memory_gb']} GiB · "
+           f"Python {record['python']} · load average {record.get('load_average_before', '?')} at start, "
+           f"{record.get('load_average_after', '?')} at end · total {record.get('total_seconds', '?')} s",
+           "",
+           "| target | ours | reference (same run) | ratio | |",
+           "|---|---|---|---|---|"]
+    out += [f"| {' | '.join(row)} |" for row in target_rows(record["steps"], record["customers"])]
+    out += ["", "| step | seconds | rows | rows/s | peak RSS python MB | peak RSS server MB |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for st in record["steps"]:
+        rows = f"{st['rows']:,}" if st.get("rows") is not None else ""
+        rate = f"{st['rows_per_s']:,.0f}" if st.get("rows_per_s") else ""
+        flag = " (timeout)" if "timeout" in st["notes"] else " (error)" if "error" in st["notes"] else ""
+        out.append(f"| {st['step'].strip()}{flag} | {st['seconds']:.2f} | {rows} | {rate} | "
+                   f"{st['peak_rss_python_mb']:.0f} | {st['peak_rss_server_mb']:.0f} |")
+    return "\n".join(out)
+
+
 def run(args: argparse.Namespace) -> pipeline.Bench:
     bench = pipeline.Bench(profile_dir=args.profile)
     groups = set(args.groups)
@@ -92,6 +183,14 @@ def run(args: argparse.Namespace) -> pipeline.Bench:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["report"]:  # python -m bench report [results.jsonl]: the runs as RESULTS.md tables
+        path = Path(argv[1]) if len(argv) > 1 else harness.RESULTS_FILE
+        records = [json.loads(line) for line in path.read_text().splitlines() if '"pipeline"' in line]
+        for record in records:
+            print(markdown_report(record) + "\n")
+        return 0
     args = parse_args(argv)
     started = time.perf_counter()
     load_before = psutil.getloadavg()
@@ -103,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nbenchmark: {args.customers:,} customers, {args.days} days, seed {args.seed} "
           f"(total {total:.0f} s; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after)")
     print(format_table(bench.results))
+    print("\ntargets (issue 7):")
+    print(format_targets(target_rows(bench.results, args.customers)))
     for name in bench.skipped:
         print(f"skipped: {name} (its entry point does not exist yet)")
     meta = {"benchmark": "pipeline", "customers": args.customers, "days": args.days, "seed": args.seed,
