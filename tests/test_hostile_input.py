@@ -25,6 +25,7 @@ from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
@@ -33,7 +34,7 @@ from ml.errors import CrmError
 from ml.ingest.cdnow import load_cdnow
 from ml.ingest.online_retail import load_online_retail
 from ml.params import InvalidParams, RunParams, param_specs
-from ml.warehouse import connect
+from ml.warehouse import connect, copy_in
 
 RAW_TABLES = ("raw.customers", "raw.products", "raw.orders", "raw.order_lines", "raw.web_events")
 AUDIT_TABLES = ("audit.load_batches", "audit.quarantine", "audit.planted_truth", "audit.planted_customers",
@@ -536,3 +537,19 @@ def test_params_accept_plain_numbers_given_as_text():
     """The rejection above is not a blanket 'strings are refused': plain numbers from a form still work."""
     params = RunParams.from_mapping({"min_support": "0.05", "k_min": "3", "segmentation_families": "kmeans,som"})
     assert params.min_support == 0.05 and params.k_min == 3 and params.segmentation_families == ("kmeans", "som")
+
+
+def test_copy_in_writes_frames_concatenated_with_empty_ones(conn):
+    """pd.concat with an empty frame gives Arrow columns whose first chunk is empty; pyarrow 25's CSV writer
+    turned those into garbage bytes (the NUL errors above). copy_in must send the rows intact."""
+    empty = pd.DataFrame({"line_no": pd.Series(dtype="int64"), "raw_text": pd.Series(dtype="str"),
+                          "reason": pd.Series(dtype="str")})
+    rows = pd.DataFrame({"line_no": [2, 3], "raw_text": ["a,\"b\"", "\u0098 x"], "reason": ["r1", "r2"]})
+    frame = pd.concat([empty, rows], ignore_index=True).assign(target_table="raw.orders", source="test",
+                                                               batch_id=1)
+    with conn.transaction():
+        conn.execute("insert into audit.load_batches (batch_id, source, source_name, content_sha256, status) "
+                     "overriding system value values (1, 'test', 't', 'x', 'failed')")
+        assert copy_in(conn, "audit.quarantine", frame) == 2
+        stored = conn.execute("select line_no, raw_text, reason from audit.quarantine order by 1").fetchall()
+    assert stored == [(2, 'a,"b"', "r1"), (3, "\u0098 x", "r2")]
