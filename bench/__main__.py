@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -48,6 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="mine only the first N baskets of the FIMI file (0 = all; smoke tests use a slice)")
     parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
                         help="write a pyinstrument profile of every in-process step into DIR (needs pyinstrument)")
+    parser.add_argument("--pg-options", default="", metavar="OPTS",
+                        help="PGOPTIONS for every connection of the run (an experiment, e.g. "
+                             "'-c enable_nestloop=off'); recorded with the results")
     parser.add_argument("--keep", action="store_true", help="keep the temporary warehouse folder")
     args = parser.parse_args(argv)
     groups = [g.strip() for g in args.steps.split(",") if g.strip()]
@@ -135,7 +139,8 @@ def markdown_report(record: dict) -> str:
            "",
            f"{record['date']} · commit `{record['commit']}` · {record['cores']} cores, {record['memory_gb']} GiB · "
            f"Python {record['python']} · load average {record.get('load_average_before', '?')} at start, "
-           f"{record.get('load_average_after', '?')} at end · total {record.get('total_seconds', '?')} s",
+           f"{record.get('load_average_after', '?')} at end · total {record.get('total_seconds', '?')} s"
+           + (f" · **experiment: PGOPTIONS=`{record['pg_options']}`**" if record.get("pg_options") else ""),
            "",
            "| target | ours | reference (same run) | ratio | |",
            "|---|---|---|---|---|"]
@@ -192,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
             print(markdown_report(record) + "\n")
         return 0
     args = parse_args(argv)
+    if args.pg_options:
+        # libpq reads PGOPTIONS on every connection: ours (psycopg) and dbt's child processes alike
+        os.environ["PGOPTIONS"] = args.pg_options
+        pipeline.log(f"experiment: PGOPTIONS={args.pg_options!r} for every connection")
     started = time.perf_counter()
     load_before = psutil.getloadavg()
     pipeline.log(f"benchmark: {args.customers:,} customers, {args.days} days, seed {args.seed}, "
@@ -207,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in bench.skipped:
         print(f"skipped: {name} (its entry point does not exist yet)")
     meta = {"benchmark": "pipeline", "customers": args.customers, "days": args.days, "seed": args.seed,
-            "groups": args.groups, "skipped": bench.skipped, "total_seconds": round(total, 1),
+            "groups": args.groups, "pg_options": args.pg_options, "skipped": bench.skipped, "total_seconds": round(total, 1),
             "load_average_before": round(load_before[0], 2), "load_average_after": round(load_after[0], 2)}
     args.results.parent.mkdir(parents=True, exist_ok=True)
     append_results(bench.results, meta, path=args.results)
