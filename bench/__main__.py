@@ -145,13 +145,14 @@ def markdown_report(record: dict) -> str:
            "| target | ours | reference (same run) | ratio | |",
            "|---|---|---|---|---|"]
     out += [f"| {' | '.join(row)} |" for row in target_rows(record["steps"], record["customers"])]
-    out += ["", "| step | seconds | rows | rows/s | peak RSS python MB | peak RSS server MB |",
-            "|---|---:|---:|---:|---:|---:|"]
+    out += ["", "| step | seconds | CPU s (python + children) | rows | rows/s | peak RSS python MB | "
+            "peak RSS server MB |", "|---|---:|---:|---:|---:|---:|---:|"]
     for st in record["steps"]:
         rows = f"{st['rows']:,}" if st.get("rows") is not None else ""
         rate = f"{st['rows_per_s']:,.0f}" if st.get("rows_per_s") else ""
         flag = " (timeout)" if "timeout" in st["notes"] else " (error)" if "error" in st["notes"] else ""
-        out.append(f"| {st['step'].strip()}{flag} | {st['seconds']:.2f} | {rows} | {rate} | "
+        cpu = st["notes"].get("cpu_seconds", "")
+        out.append(f"| {st['step'].strip()}{flag} | {st['seconds']:.2f} | {cpu} | {rows} | {rate} | "
                    f"{st['peak_rss_python_mb']:.0f} | {st['peak_rss_server_mb']:.0f} |")
     return "\n".join(out)
 

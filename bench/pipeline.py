@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib
+import os
 import re
 import shutil
 import socket
@@ -84,9 +85,13 @@ class Bench:
     @contextmanager
     def step(self, name: str, *, kind: str = "pipeline", reference: str | None = None) -> Iterator[StepResult]:
         log(f"start  {name}")
+        cpu_before = _cpu_seconds()
         with measure(name, server_pid=self.server_pid, reference=reference) as result, self._profiled(name, result):
             result.notes["kind"] = kind
             yield result
+        # CPU seconds of this process and its finished children (dbt): on a shared machine wall time is
+        # inflated by other people's work, CPU time much less so
+        result.notes["cpu_seconds"] = round(_cpu_seconds() - cpu_before, 2)
         self.results.append(result)
         rate = f", {result.rows_per_s:,.0f} rows/s" if result.rows_per_s else ""
         log(f"end    {name}: {result.seconds:.2f} s{rate}, peak RSS python {result.peak_rss_python_mb:.0f} MB, "
@@ -117,6 +122,11 @@ class Bench:
 
     def get(self, name: str) -> StepResult | None:
         return next((r for r in self.results if r.step == name), None)
+
+
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 # ---------------------------------------------------------------------------------------------------------
