@@ -62,6 +62,20 @@ def _parser() -> argparse.ArgumentParser:
         one.add_argument("file", type=Path)
         one.set_defaults(run=_ingest, source=name)
 
+    dbt = sub.add_parser("dbt", help="build or document the dbt project against the warehouse")
+    dbt_sub = dbt.add_subparsers(metavar="ACTION", required=True)
+    build = dbt_sub.add_parser("build", help="dbt build (models, tests, unit tests) with point-in-time vars")
+    build.add_argument("--as-of", type=date.fromisoformat, default=None,
+                       help="feature date (default: the latest valid order date in the data)")
+    build.add_argument("--horizon-days", type=int, default=90)
+    build.add_argument("--training-snapshots", type=int, default=1)
+    build.add_argument("--full-refresh", action="store_true")
+    build.add_argument("--select", default=None)
+    build.set_defaults(run=_dbt_build)
+    dbt_sub.add_parser("docs", help="generate the dbt docs site (offline) and print how to open it").set_defaults(
+        run=_dbt_docs
+    )
+
     sub.add_parser("status", help="warehouse row counts and the latest load batches").set_defaults(run=_status)
     sub.add_parser("demo", help="the main job: warehouse up, demo CRM generated and loaded").set_defaults(
         run=_demo
@@ -124,6 +138,37 @@ def _ingest(settings: Settings, args) -> int:
     with connect(settings) as conn:
         report = load(conn, path)
     _print_report(report, time.perf_counter() - started)
+    return 0
+
+
+def _dbt_build(settings: Settings, args) -> int:
+    from ml.dbt import dbt_build
+    from ml.warehouse import ensure_warehouse
+
+    ensure_warehouse(settings)
+    result = dbt_build(
+        settings,
+        as_of=args.as_of,
+        horizon_days=args.horizon_days,
+        training_snapshots=args.training_snapshots,
+        full_refresh=args.full_refresh,
+        select=args.select,
+    )
+    print(result.summary())
+    return 0
+
+
+def _dbt_docs(settings: Settings, args) -> int:
+    from ml.dbt import dbt_docs_generate
+    from ml.warehouse import ensure_warehouse
+
+    ensure_warehouse(settings)
+    folder = dbt_docs_generate(settings)
+    print(f"dbt docs written to {folder}")
+    print(
+        f"open them with: .venv/bin/python -m http.server 8081 --bind 127.0.0.1 --directory {folder}"
+        "  then browse http://127.0.0.1:8081/index.html"
+    )
     return 0
 
 
