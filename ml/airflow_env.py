@@ -220,3 +220,24 @@ def failure_summary(output: str) -> str:
             keep += [ln for ln in lines[i + 1:i + 12] if ln.startswith("  ")]
     failed = [ln.split("[DAG TEST]")[-1].strip() for ln in lines if "Marking task as FAILED" in ln]
     return "\n".join(dict.fromkeys(keep + failed)) or "see the log"
+
+
+def dag_runs(env: Mapping[str, str]) -> list[dict]:
+    """The nightly DAG's runs, newest first (``airflow dags list-runs``)."""
+    done = run_airflow(env, "dags", "list-runs", DAG_ID, "-o", "json", timeout=120)
+    runs = json.loads(_json_part(done.stdout) or "[]")
+    return sorted(runs, key=lambda r: r.get("run_after") or "", reverse=True)
+
+
+def task_states(env: Mapping[str, str], run_id: str) -> dict[str, str | None]:
+    """``task_id -> state`` of one run (``None``: the task never ran)."""
+    done = run_airflow(env, "tasks", "states-for-dag-run", DAG_ID, run_id, "-o", "json", timeout=120)
+    return {row["task_id"]: row.get("state") or None for row in json.loads(_json_part(done.stdout) or "[]")}
+
+
+def _json_part(stdout: str) -> str:
+    """The JSON line of a CLI output that also holds log lines (which start with ``[info`` or a date)."""
+    for line in stdout.splitlines():
+        if line.startswith(("[{", "[]", "{")):
+            return line
+    return ""

@@ -1,0 +1,211 @@
+"""The nightly DAG: it imports cleanly and cheaply, is wired as documented, and runs under ``airflow dags test``.
+
+Airflow reads its configuration once per process, at import, so everything Airflow runs in a child process
+with the environment ``ml.airflow_env`` computes (a temporary AIRFLOW_HOME per module, the test warehouse).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from ml import airflow_env as ae
+from ml.config import Settings
+from ml.dbt import dbt_parse
+from ml.warehouse import connect
+
+DAG_ID = "crm_nightly"
+
+
+@pytest.fixture(scope="module")
+def manifest(server_settings: Settings):
+    """The dbt manifest the DAG loads (``dbt parse``, no database work)."""
+    return dbt_parse(server_settings)
+
+
+@pytest.fixture(scope="module")
+def af_home(tmp_path_factory) -> ae.AirflowHome:
+    return ae.AirflowHome(tmp_path_factory.mktemp("airflow"))
+
+
+def _env(settings: Settings, home: ae.AirflowHome, **extra: str) -> dict[str, str]:
+    env = ae.airflow_env(settings, home=home)
+    env.update(extra)
+    return env
+
+
+def _python(env: dict[str, str], code: str) -> dict:
+    """Run ``code`` in a fresh interpreter with ``env``; it prints one JSON line last."""
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# Loads the DAG folder the way the dag-processor does, with every way to reach the warehouse or dbt
+# recorded and refused, then describes the DAG.
+_INSPECT = """
+    import json, socket, subprocess
+    touched = []
+    _connect = socket.socket.connect
+    def connect(self, address, *a, **k):
+        if isinstance(address, tuple) and address[1] == WAREHOUSE_PORT:
+            touched.append(f"socket connect {address}")
+            raise OSError("no database at DAG parse time")
+        return _connect(self, address, *a, **k)
+    socket.socket.connect = connect
+    _popen = subprocess.Popen.__init__
+    def popen(self, args, *a, **k):
+        # (platform.architecture() runs `file`, harmlessly; dbt and PostgreSQL tools are what must not run)
+        if any(word in repr(args) for word in ("dbt", "psql", "pg_ctl", "postgres")):
+            touched.append(f"subprocess {args!r}")
+            raise OSError("no dbt or database tool at DAG parse time")
+        return _popen(self, args, *a, **k)
+    subprocess.Popen.__init__ = popen
+    import dbt.cli.main
+    def invoke(*a, **k):
+        touched.append("dbtRunner.invoke")
+        raise RuntimeError("no dbt at DAG parse time")
+    dbt.cli.main.dbtRunner.invoke = invoke
+
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.serialization.serialized_objects import DagSerialization
+    bag = DagBag(dag_folder=DAGS_FOLDER)
+    dag = bag.dags.get("crm_nightly")
+    out = {"errors": {k: str(v) for k, v in bag.import_errors.items()}, "touched": touched}
+    if dag is not None:
+        out.update(
+            task_ids=list(dag.task_ids),
+            upstream={t.task_id: sorted(t.upstream_task_ids) for t in dag.tasks},
+            timetable=repr(dag.timetable),
+            cron=dag.timetable.expression,
+            timezone=str(dag.timezone),
+            timetable_timezone=str(dag.timetable.timezone),
+            catchup=dag.catchup,
+            max_active_runs=dag.max_active_runs,
+            params={k: dag.params.get_param(k).description for k in dag.params},
+            retries={t.task_id: t.retries for t in dag.tasks},
+            backoff={t.task_id: bool(t.retry_exponential_backoff) for t in dag.tasks},
+            timeouts={t.task_id: t.execution_timeout.total_seconds() if t.execution_timeout else None
+                      for t in dag.tasks},
+            outlets=sorted(o.name for t in dag.tasks for o in t.outlets if hasattr(o, "name")),
+            serialized=json.dumps(DagSerialization.to_dict(dag), default=str),
+        )
+    print(json.dumps(out))
+"""
+
+
+def _inspect(env: dict[str, str], warehouse_port: int) -> dict:
+    code = f"WAREHOUSE_PORT = {warehouse_port}\nDAGS_FOLDER = {str(ae.DAGS_FOLDER)!r}\n" + textwrap.dedent(_INSPECT)
+    return _python(env, code)
+
+
+@pytest.fixture(scope="module")
+def described(manifest, server_settings: Settings, af_home) -> dict:
+    # A password in the URL: it must not end up in the serialized DAG (the dbt connection is set at run time).
+    settings = Settings.from_env({
+        "CRM_STATE_DIR": str(server_settings.state_dir),
+        "WAREHOUSE_URL": f"postgresql://crm_user:s3cret-pw@127.0.0.1:{server_settings.warehouse.port}/crm",
+    })
+    return _inspect(_env(settings, af_home), server_settings.warehouse.port)
+
+
+def test_dag_imports_without_errors_and_without_touching_database_or_dbt(described):
+    assert described["errors"] == {}
+    assert "task_ids" in described, "the DAG crm_nightly is not in the DagBag"
+    assert described["touched"] == []
+
+
+def test_schedule_and_run_policy(described):
+    assert described["cron"] == "0 2 * * *"
+    assert described["timetable"].startswith("CronTriggerTimetable(")
+    assert described["timezone"] == described["timetable_timezone"] == "UTC"  # CRM_TIMEZONE unset
+    assert described["catchup"] is False
+    assert described["max_active_runs"] == 1
+
+
+def test_timezone_comes_from_settings(manifest, server_settings, af_home):
+    env = _env(server_settings, af_home, CRM_TIMEZONE="Europe/Paris")
+    out = _inspect(env, server_settings.warehouse.port)
+    assert out["errors"] == {}
+    assert out["timezone"] == out["timetable_timezone"] == "Europe/Paris"  # 02:00 Paris time
+
+
+def test_params_form_has_every_run_parameter_with_a_description(described):
+    from ml.params import param_specs
+
+    assert set(described["params"]) == set(param_specs())
+    assert all(d and d.strip() for d in described["params"].values())
+
+
+def test_every_task_retries_with_backoff_and_has_a_timeout_except_validation(described):
+    for task_id, retries in described["retries"].items():
+        assert described["timeouts"][task_id], f"{task_id} has no execution_timeout"
+        if task_id == "validate_params":
+            assert retries == 0  # bad parameters do not get better by retrying
+        else:
+            assert retries >= 1 and described["backoff"][task_id], task_id
+
+
+def test_every_dbt_model_is_a_task_after_load_and_before_the_marts_gate(described, manifest):
+    nodes = json.loads(manifest.read_text())["nodes"].values()
+    models = {n["name"] for n in nodes if n["resource_type"] == "model"
+              and n["path"].split("/")[0] in ("staging", "intermediate", "marts")}
+    assert models, "the dbt project has no models"
+    tasks = set(described["task_ids"])
+    for model in models:
+        assert f"dbt_marts.{model}_model_build" in tasks, model
+    upstream = described["upstream"]
+    assert upstream["load_raw"] == ["validate_params"]
+    roots = [t for t in tasks if t.startswith("dbt_marts.") and not any(
+        u.startswith("dbt_marts.") for u in upstream[t])]
+    assert roots and all(upstream[t] == ["load_raw"] for t in roots)
+    gate = upstream["check_marts"]
+    assert any(u.startswith("dbt_marts.") for u in gate)
+    assert {u for u in gate if not u.startswith("dbt_marts.")} == {"load_raw"}  # (its as_of, via XCom)
+
+
+def test_marts_are_declared_assets(described):
+    for table in ("marts.customer_features", "marts.basket_lines", "marts.clv_scoring_set"):
+        assert table in described["outlets"]
+
+
+def test_no_secret_in_the_serialized_dag(described):
+    assert "s3cret-pw" not in described["serialized"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Runs (airflow dags test: the scheduler-less, one-process run the README's main command uses)
+# ---------------------------------------------------------------------------------------------------------
+def _raw_orders(settings: Settings) -> int:
+    with connect(settings) as conn:
+        return conn.execute("select count(*) from raw.orders").fetchone()[0]
+
+
+def test_invalid_combination_fails_in_the_first_task_before_any_data(manifest, warehouse, tmp_path):
+    home = ae.AirflowHome(tmp_path / "airflow")
+    env = _env(warehouse, home)
+    ae.migrate(env)
+    with pytest.raises(Exception) as err:
+        ae.dags_test(warehouse, {"k_min": 9, "k_max": 4}, env=env, timeout=600)
+    assert "k_min (9) is greater than k_max (4)" in str(err.value)
+    runs = ae.dag_runs(env)
+    assert [r["state"] for r in runs] == ["failed"]
+    states = ae.task_states(env, runs[0]["run_id"])
+    assert states.pop("validate_params") == "failed"
+    assert not [t for t, s in states.items() if s in ("success", "running", "failed")], states
+    assert _raw_orders(warehouse) == 0  # the empty warehouse was not given the demo data
+
+
+def test_out_of_range_value_is_refused_at_trigger_time(manifest, warehouse, tmp_path):
+    home = ae.AirflowHome(tmp_path / "airflow")
+    env = _env(warehouse, home)
+    ae.migrate(env)
+    with pytest.raises(Exception) as err:
+        ae.dags_test(warehouse, {"min_support": 2}, env=env, timeout=600)
+    assert "min_support" in str(err.value)
+    assert ae.dag_runs(env) == []  # the form's schema refused it: no run was created
