@@ -1,0 +1,159 @@
+"""Benchmark: recommender fit and scoring at 10k / 100k (/ 1M) generated customers, and request latency.
+
+    .venv/bin/python bench/bench_recommend.py                         # 10k and 100k customers
+    .venv/bin/python bench/bench_recommend.py --customers 10000       # one scale
+    .venv/bin/python bench/bench_recommend.py --customers 1000000 --models popularity,item_knn
+
+Per scale: a temporary embedded warehouse (``bench.pipeline.temp_warehouse``), the generator, the dbt
+marts basket training reads, then ``ml.train_baskets.read_basket_marts`` (COPY out). Each recommender is
+fitted on every customer's baskets and scores every customer (top 10, with reasons, nothing already
+bought) — the nightly ``ml.product_recommendations`` workload — with wall time and peak RSS of this
+process (sampled, ``bench.harness.measure``).
+
+Request latency: the fitted champion recipe (``--latency-model``, default hybrid) is saved as the same
+``pyfunc`` model ``ml.train_baskets`` registers, loaded with ``mlflow.pyfunc.load_model``, and asked for
+one basket at a time (a real basket of the data, with its customer): p50 / p95 over ``--requests``
+requests, plus the in-process ``recommend_for_basket`` call without the pyfunc layer for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.harness import measure  # noqa: E402
+from bench.pipeline import log, temp_warehouse  # noqa: E402
+
+MODELS = ("popularity", "rules", "item_knn", "user_knn", "content", "hybrid")
+
+
+def build_marts(settings, customers: int, seed: int, days: int):
+    from ml.ingest.generator import GeneratorParams, generate
+    from ml.train_baskets import build_basket_marts, read_basket_marts
+    from ml.warehouse import connect
+
+    params = GeneratorParams(customers=customers, days=days, seed=seed)
+    started = time.perf_counter()
+    with connect(settings) as conn:
+        generate(conn, params)
+    log(f"  generated {customers:,} customers in {time.perf_counter() - started:.0f} s")
+    started = time.perf_counter()
+    build_basket_marts(settings, params.resolved_end_date)
+    log(f"  dbt marts in {time.perf_counter() - started:.0f} s")
+    lines, products = read_basket_marts(settings, params.resolved_end_date)
+    return lines[lines["customer_id"].notna()].reset_index(drop=True), products
+
+
+def bench_models(lines: pd.DataFrame, products: pd.DataFrame, names: list[str], customers: int) -> tuple[list, dict]:
+    from sklearn.base import clone
+
+    from ml.train_baskets import recommenders
+
+    candidates = recommenders(min_support=0.001, min_confidence=0.1, min_lift=1.0, max_len=3)
+    ids = pd.Index(np.sort(lines["customer_id"].unique()))
+    rows, fitted = [], {}
+    for name in names:
+        model = clone(candidates[name])
+        with measure(f"fit {name}") as fit:
+            model.fit(lines, products)
+        with measure(f"score {name}") as score:
+            recs = model.recommend(ids, n=10)
+        fitted[name] = model
+        rows.append({
+            "customers": f"{customers:,}", "model": name, "lines": f"{len(lines):,}",
+            "fit_s": round(fit.seconds, 2), "score_s": round(score.seconds, 2),
+            "scored": f"{recs['customer_id'].nunique():,}",
+            "per_1k_customers_ms": round(1000 * score.seconds / max(len(ids), 1) * 1000, 1),
+            "peak_rss_mb": round(max(fit.peak_rss_python_mb, score.peak_rss_python_mb)),
+        })
+        log(f"  {name}: fit {fit.seconds:.1f} s, score {score.seconds:.1f} s")
+    return rows, fitted
+
+
+def bench_latency(model, lines: pd.DataFrame, requests: int, customers: int, name: str) -> dict:
+    import joblib
+    import mlflow
+
+    from ml.recommender_model import ARTIFACT_KEY, RecommenderModel, signature
+
+    baskets = lines.groupby("basket_id").agg(customer_id=("customer_id", "first"), basket=("product_id", list))
+    sample = baskets.sample(min(requests, len(baskets)), random_state=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        artifact = Path(tmp) / "recommender.joblib"
+        joblib.dump(model, artifact)
+        mlflow.pyfunc.save_model(str(Path(tmp) / "model"), python_model=RecommenderModel(recommender_name=name),
+                                 artifacts={ARTIFACT_KEY: str(artifact)}, signature=signature())
+        started = time.perf_counter()
+        pyfunc = mlflow.pyfunc.load_model(str(Path(tmp) / "model"))
+        load_s = time.perf_counter() - started
+        first = sample.iloc[0]
+        pyfunc.predict(pd.DataFrame({"customer_id": [first["customer_id"]], "basket": [first["basket"]]}))  # warm
+        via_pyfunc, direct = [], []
+        for customer, basket in zip(sample["customer_id"], sample["basket"], strict=True):
+            request = pd.DataFrame({"customer_id": [customer], "basket": [basket]})
+            started = time.perf_counter()
+            pyfunc.predict(request)
+            via_pyfunc.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            model.recommend_for_basket(basket, customer_id=customer, n=10)
+            direct.append(time.perf_counter() - started)
+
+    def ms(values, q):
+        return round(1000 * float(np.percentile(values, q)), 1)
+
+    return {"customers": f"{customers:,}", "model": name, "requests": len(via_pyfunc),
+            "load_s": round(load_s, 2), "pyfunc_p50_ms": ms(via_pyfunc, 50), "pyfunc_p95_ms": ms(via_pyfunc, 95),
+            "direct_p50_ms": ms(direct, 50), "direct_p95_ms": ms(direct, 95)}
+
+
+def _table(rows: list[dict]) -> str:
+    cols = list(rows[0])
+    width = {c: max(len(c), *(len(str(r.get(c))) for r in rows)) for c in cols}
+    head = " | ".join(c.ljust(width[c]) for c in cols)
+    sep = "-|-".join("-" * width[c] for c in cols)
+    body = "\n".join(" | ".join(str(r.get(c)).ljust(width[c]) for c in cols) for r in rows)
+    return f"{head}\n{sep}\n{body}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--customers", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--days", type=int, default=730)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
+    parser.add_argument("--latency-model", default="hybrid", help="the recipe whose pyfunc latency is measured")
+    parser.add_argument("--requests", type=int, default=200, help="baskets asked one at a time")
+    args = parser.parse_args(argv)
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = sorted(set(names) - set(MODELS))
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
+    latency_model = args.latency_model if args.latency_model in names else names[-1]
+
+    fit_rows, latency_rows = [], []
+    for customers in args.customers:
+        log(f"{customers:,} customers")
+        with temp_warehouse() as settings:
+            lines, products = build_marts(settings, customers, args.seed, args.days)
+        rows, fitted = bench_models(lines, products, names, customers)
+        fit_rows += rows
+        latency_rows.append(bench_latency(fitted[latency_model], lines, args.requests, customers, latency_model))
+        del fitted
+    print("\nRecommender fit and scoring (every customer, top 10 with reasons)\n")
+    print(_table(fit_rows))
+    print("\nRequest latency: one basket (+ its customer) per request\n")
+    print(_table(latency_rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,433 @@
+"""Train the basket family: association rules and recommenders, tracked in MLflow, published to schema ``ml``.
+
+One call, one MLflow parent run (experiment ``baskets``)::
+
+    train_baskets(settings, as_of=date(2025, 12, 31), min_support=0.005, min_confidence=0.2)
+
+1. read ``marts.basket_lines`` (up to ``as_of``) and ``marts.dim_products`` by COPY;
+2. mine frequent itemsets and rules at product and category level (``ml.baskets``); a threshold that
+   gives no itemset, no product rule or too many itemsets fails here, before any run is opened;
+3. parent run: params, the input dataset (``marts.basket_lines@<as_of>``), the rules as CSV artifacts;
+4. every recommender evaluated with the one protocol (``ml.evaluation.evaluate_recommender``: hide each
+   repeat customer's last order, rank 10 unbought items), each in its own child run with the same metric
+   names; a bar chart of the metrics on the parent;
+5. the best recommender by hit-rate@10 is refitted on all baskets, logged as a ``pyfunc`` model
+   (``ml.recommender_model``) and registered as ``crm_recommender``; ``registry.decide_promotion``
+   re-scores the current champion's recipe on today's holdout and moves ``@champion`` only if beaten;
+6. publish ``ml.association_rules`` and ``ml.product_recommendations`` (recommendations of the model that
+   is champion after the decision), citing the run id that already exists in the store.
+
+Why the champion is re-scored as a *recipe* (its estimator's parameters refitted under the protocol) and
+not as its frozen fitted state: the frozen model has seen today's hidden last orders when its as_of is
+today's (a rerun), and excluding bought items would then hide exactly the targets; refitting on the same
+history is the only comparison that judges both models on the same, unseen orders.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from psycopg import sql
+from sklearn.base import clone
+
+from ml import registry
+from ml.baskets import AssociationRules, BasketError, FrequentItemsets
+from ml.config import Settings
+from ml.evaluation import evaluate_recommender
+from ml.publish import PublishReport, publish
+from ml.recommend import (
+    BaseRecommender,
+    ContentRecommender,
+    HybridRecommender,
+    ItemKNNRecommender,
+    PopularityRecommender,
+    RecommenderError,
+    RuleRecommender,
+    UserKNNRecommender,
+)
+from ml.recommender_model import fitted_recommender, log_recommender
+from ml.warehouse import connect, copy_out
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = "baskets"
+MODEL_NAME = "crm_recommender"
+METRICS = ("hit_rate_at_10", "precision_at_10", "recall_at_10", "ndcg_at_10", "catalogue_coverage")
+PROMOTION_METRIC = "hit_rate_at_10"
+RULE_COLUMNS = ["level", "antecedent", "consequent", "antecedent_names", "consequent_name", "antecedent_len",
+                "support", "confidence", "lift", "leverage", "conviction", "antecedent_support",
+                "consequent_support", "n_baskets_with_rule", "rule_text"]
+RECOMMENDATION_COLUMNS = ["customer_id", "rank", "product_id", "product_name", "score", "method", "reason",
+                          "recommender"]
+
+
+@dataclass(frozen=True)
+class BasketTrainingResult:
+    """What one training run did: the run, the rules, the comparison, the decision and the publishes."""
+
+    as_of: dt.date
+    run_id: str
+    experiment_id: str
+    model_name: str
+    model_version: str  # registered by this run (the challenger)
+    challenger: str  # recommender name of the challenger
+    champion_version: str | None  # after the promotion decision
+    promoted: bool
+    promotion_reason: str
+    published_model_version: str  # the version whose recommendations were published
+    metrics: pd.DataFrame  # one row per recommender, METRICS columns
+    rules: dict[str, pd.DataFrame]  # level -> rules
+    n_itemsets: dict[str, int]
+    n_baskets: int
+    n_customers: int
+    reports: dict[str, PublishReport] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building and reading the marts
+# ---------------------------------------------------------------------------------------------------------
+BASKET_MARTS = ("+basket_lines", "+dim_products")
+
+
+def build_basket_marts(settings: Settings, as_of: dt.date):
+    """``dbt build`` of only the marts basket training reads, and their parents, with their tests.
+
+    Cautious indirect selection: a test that also reads a model outside the selection (a relationship to
+    ``dim_customers``) is left for the full build, instead of failing on a table this build did not make.
+    The nightly DAG builds everything; this is for tests, benchmarks and a quick retrain.
+    """
+    from ml.dbt import run_dbt
+
+    return run_dbt(settings, ["build", "--select", *BASKET_MARTS, "--indirect-selection", "cautious"],
+                   vars={"as_of": as_of.isoformat()})
+
+
+def read_basket_marts(settings: Settings, as_of: dt.date) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``marts.basket_lines`` up to ``as_of`` and the products of ``marts.dim_products`` (COPY out, ordered so
+    a rerun sees identical frames and fits identical models)."""
+    lines_query = sql.SQL(
+        "select basket_id, customer_id, product_id, category, ordered_at, quantity from marts.basket_lines "
+        "where ordered_at < {} order by basket_id, product_id"
+    ).format(sql.Literal(as_of + dt.timedelta(days=1)))
+    # is_product is filtered in SQL: COPY's CSV booleans would arrive as 't'/'f' text
+    products_query = ("select product_id, product_name, category, subcategory, brand, price_band "
+                      "from marts.dim_products where is_product order by product_id")
+    with connect(settings) as conn:
+        lines = copy_out(conn, lines_query).to_pandas()
+        products = copy_out(conn, products_query).to_pandas()
+    if lines.empty:
+        raise BasketError(
+            f"no baskets to learn from: marts.basket_lines has no line on or before as_of {as_of}; load orders "
+            "and run `dbt build` (crm run) for this as_of first"
+        )
+    lines = lines.astype({"basket_id": "str", "product_id": "str", "category": "str"})
+    lines["customer_id"] = lines["customer_id"].astype("str")  # nulls stay missing (pandas 3 str dtype)
+    lines["ordered_at"] = pd.to_datetime(lines["ordered_at"])
+    products = products.astype({c: "str" for c in products.columns})
+    return lines, products
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rules
+# ---------------------------------------------------------------------------------------------------------
+def mine_levels(
+    lines: pd.DataFrame,
+    *,
+    algorithm: str,
+    min_support: float,
+    category_min_support: float,
+    min_confidence: float,
+    min_lift: float,
+    max_len: int | None,
+    max_itemsets: int,
+) -> tuple[dict[str, pd.DataFrame], dict[str, int]]:
+    """Rules at product and category level. No product rule at all is an error (it names the counts)."""
+    rules, counts = {}, {}
+    for level, support in (("product", min_support), ("category", category_min_support)):
+        itemsets = FrequentItemsets(algorithm=algorithm, min_support=support, max_len=max_len, level=level,
+                                    max_itemsets=max_itemsets).fit(lines)
+        found = AssociationRules(min_confidence=min_confidence, min_lift=min_lift).fit(itemsets)
+        rules[level], counts[level] = found.rules_, len(itemsets.itemsets_)
+        if level == "product" and found.rules_.empty:
+            multi = int((itemsets.itemsets_["length"] >= 2).sum())
+            raise BasketError(
+                f"no product rules at min_support={support}, min_confidence={min_confidence}, "
+                f"min_lift={min_lift}: {len(itemsets.itemsets_):,} frequent itemsets of which {multi:,} have two "
+                f"or more items ({found.n_candidates_:,} candidate rules, {found.n_redundant_:,} redundant) over "
+                f"{itemsets.n_baskets_:,} baskets; lower min_support"
+                + (" or min_confidence / min_lift" if found.n_candidates_ else "")
+            )
+    return rules, counts
+
+
+def rules_for_publish(rules: dict[str, pd.DataFrame], products: pd.DataFrame) -> pd.DataFrame:
+    """One table of both levels: items as text (ids joined by ' + '), names beside them, a readable sentence."""
+    names = pd.Series(products["product_name"].to_numpy(), index=products["product_id"].to_numpy())
+    frames = []
+    for level, frame in rules.items():
+        if frame.empty:
+            continue
+        flat = frame["antecedent"].explode()
+        label = flat.astype(str).to_numpy(dtype=object)
+        consequent_name = frame["consequent"].astype(str).to_numpy(dtype=object)
+        if level == "product":  # product names where the catalogue knows them, the id otherwise
+            label = _named(label, names)
+            consequent_name = _named(consequent_name, names)
+        antecedent_names = pd.Series(label, index=flat.index).groupby(level=0).agg(" + ".join)
+        out = pd.DataFrame({
+            "level": level,
+            "antecedent": frame["antecedent"].map(lambda items: " + ".join(map(str, items))),
+            "consequent": frame["consequent"].astype(str),
+            "antecedent_names": antecedent_names.reindex(frame.index).to_numpy(),
+            "consequent_name": consequent_name,
+        })
+        for col in ("antecedent_len", "support", "confidence", "lift", "leverage", "conviction",
+                    "antecedent_support", "consequent_support", "n_baskets_with_rule"):
+            out[col] = frame[col].to_numpy()
+        out["antecedent_len"] = out["antecedent_len"].astype(np.int64)
+        out["n_baskets_with_rule"] = out["n_baskets_with_rule"].astype(np.int64)
+        out["rule_text"] = ("customers who buy " + out["antecedent_names"] + " also buy " + out["consequent_name"]
+                            + " in " + (100 * out["confidence"]).round(0).astype(int).astype(str)
+                            + "% of baskets (lift " + out["lift"].round(1).astype(str) + ")")
+        frames.append(out)
+    table = pd.concat(frames, ignore_index=True)[RULE_COLUMNS]
+    return table.sort_values(["level", "lift", "antecedent", "consequent"], ascending=[False, False, True, True],
+                             kind="stable").reset_index(drop=True)
+
+
+def _named(ids: np.ndarray, names: pd.Series) -> np.ndarray:
+    found = names.reindex(ids).to_numpy(dtype=object)
+    return np.where(pd.isna(found), ids, found)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Recommenders
+# ---------------------------------------------------------------------------------------------------------
+def recommenders(*, min_support: float, min_confidence: float, min_lift: float, max_len: int | None,
+                 rule_min_support: float | None = None) -> dict[str, BaseRecommender]:
+    """The candidates compared offline, unfitted. The rule-based one mines its rules inside ``fit`` with the
+    run's thresholds, so under the protocol it never sees the hidden orders."""
+    rule_support = rule_min_support if rule_min_support is not None else min_support
+    rules = RuleRecommender(min_support=rule_support, min_confidence=min_confidence, min_lift=min_lift,
+                            max_len=max_len or 3)
+    components = {
+        "popularity_recent": PopularityRecommender(window_days=30),
+        "item_knn": ItemKNNRecommender(weighting="bm25", k=200),
+        "user_knn": UserKNNRecommender(weighting="bm25", k=50),
+        "content": ContentRecommender(),
+        "rules": clone(rules),
+    }
+    return {
+        "popularity": PopularityRecommender(),
+        "rules": rules,
+        "item_knn": ItemKNNRecommender(weighting="bm25", k=200),
+        "user_knn": UserKNNRecommender(weighting="bm25", k=50),
+        "content": ContentRecommender(),
+        "hybrid": HybridRecommender(components=components),
+    }
+
+
+def _loggable_params(model: BaseRecommender) -> dict[str, Any]:
+    params = {}
+    for key, value in model.get_params(deep=False).items():
+        if isinstance(value, dict):
+            params[key] = ",".join(f"{k}={type(v).__name__}" for k, v in value.items())
+        elif value is None or isinstance(value, (str, int, float, bool)):
+            params[key] = value
+    return params
+
+
+def _metrics_chart(metrics: pd.DataFrame):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    table = metrics[list(METRICS)]
+    width = 0.8 / len(table)
+    x = np.arange(len(METRICS))
+    for i, (name, row) in enumerate(table.iterrows()):
+        ax.bar(x + i * width, row.to_numpy(), width, label=name)
+    ax.set_xticks(x + 0.4 - width / 2, [m.replace("_at_10", "@10") for m in METRICS])
+    ax.set_ylabel("mean over evaluated customers")
+    ax.set_title("Recommenders on the hidden last order (cross-sell, k=10)")
+    ax.legend(fontsize=8, ncols=3)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------
+def train_baskets(
+    settings: Settings,
+    *,
+    as_of: dt.date,
+    algorithm: str = "fpgrowth",
+    min_support: float = 0.01,
+    category_min_support: float | None = None,
+    min_confidence: float = 0.2,
+    min_lift: float = 1.0,
+    max_len: int | None = 3,
+    max_itemsets: int = 2_000_000,
+    rule_recommender_min_support: float | None = None,
+    n_recommendations: int = 10,
+    promotion_policy: str = "auto",
+    promotion_margin: float = 0.0,
+    model_name: str = MODEL_NAME,
+    experiment_name: str = EXPERIMENT,
+    orchestrator_run_id: str | None = None,
+) -> BasketTrainingResult:
+    """Mine rules, compare the recommenders, register and promote the best, publish rules and recommendations.
+
+    ``min_support`` is the product-level threshold (share of baskets); ``category_min_support`` defaults to
+    it. ``rule_recommender_min_support`` is the rule-based recommender's own threshold (defaults to
+    ``min_support``). Raises :class:`ml.baskets.BasketError` (a ``CrmError``) for empty marts or thresholds
+    that give nothing or too much, before any MLflow run is opened or anything is published.
+    """
+    if isinstance(as_of, dt.datetime) or not isinstance(as_of, dt.date):
+        raise BasketError(f"as_of must be a datetime.date, got {as_of!r}")
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    lines, products = read_basket_marts(settings, as_of)
+    timings["read_marts"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    cat_support = category_min_support if category_min_support is not None else min_support
+    rules, n_itemsets = mine_levels(lines, algorithm=algorithm, min_support=min_support,
+                                    category_min_support=cat_support, min_confidence=min_confidence,
+                                    min_lift=min_lift, max_len=max_len, max_itemsets=max_itemsets)
+    rules_table = rules_for_publish(rules, products)
+    timings["mine_rules"] = time.perf_counter() - started
+
+    customer_lines = lines[lines["customer_id"].notna()]
+    if customer_lines.empty:
+        raise RecommenderError("no basket line has a customer: recommendations need known customers")
+    candidates = recommenders(min_support=min_support, min_confidence=min_confidence, min_lift=min_lift,
+                              max_len=max_len, rule_min_support=rule_recommender_min_support)
+    params = {
+        "as_of": as_of.isoformat(), "algorithm": algorithm, "min_support": min_support,
+        "category_min_support": cat_support, "min_confidence": min_confidence, "min_lift": min_lift,
+        "max_len": max_len, "max_itemsets": max_itemsets, "n_recommendations": n_recommendations,
+        "promotion_policy": promotion_policy, "promotion_margin": promotion_margin,
+        "recommenders": ",".join(candidates),
+    }
+
+    registry.configure(settings)
+    # registry.child_run starts nested runs without an experiment id: MLflow puts them in the *active*
+    # experiment (Default unless set), not the parent's. Making ours active keeps the children beside it.
+    mlflow.set_experiment(experiment_id=registry.experiment(experiment_name))
+    with registry.parent_run(experiment_name, as_of=as_of, run_name=f"baskets {as_of.isoformat()}",
+                             orchestrator_run_id=orchestrator_run_id, tags={"family": "baskets"}) as parent:
+        run_id = parent.info.run_id
+        mlflow.log_params(params)
+        registry.log_dataset(lines, "marts.basket_lines", as_of)
+        registry.log_dataset(products, "marts.dim_products", as_of)
+        n_baskets = int(lines["basket_id"].nunique())
+        n_customers = int(customer_lines["customer_id"].nunique())
+        mlflow.log_metrics({
+            "n_basket_lines": len(lines), "n_baskets": n_baskets, "n_customers": n_customers,
+            **{f"n_itemsets_{level}": n for level, n in n_itemsets.items()},
+            **{f"n_rules_{level}": len(frame) for level, frame in rules.items()},
+            "mine_seconds": timings["mine_rules"],
+        })
+        with tempfile.TemporaryDirectory() as tmp:
+            for level in rules:
+                path = Path(tmp) / f"{level}_rules.csv"
+                rules_table[rules_table["level"] == level].to_csv(path, index=False)
+                mlflow.log_artifact(str(path), artifact_path="rules")
+
+        # one protocol, one child run per recommender, identical metric names
+        started = time.perf_counter()
+        rows = {}
+        for name, model in candidates.items():
+            with registry.child_run(name, tags={"recommender": name}):
+                mlflow.log_params({"recommender": name, **_loggable_params(model)})
+                scores = evaluate_recommender(model, customer_lines, k=10, products=products)
+                mlflow.log_metrics({k: float(v) for k, v in scores.items()})
+                rows[name] = scores
+        metrics = pd.DataFrame.from_dict(rows, orient="index")
+        timings["evaluate"] = time.perf_counter() - started
+        registry.log_figure_png(_metrics_chart(metrics), "plots/recommender_metrics.png")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "recommender_metrics.csv"
+            metrics.to_csv(path, index_label="recommender")
+            mlflow.log_artifact(str(path), artifact_path="metrics")
+
+        # the challenger: best hit-rate@10 (NDCG breaks ties), refitted on every basket
+        ranked = metrics.sort_values([PROMOTION_METRIC, "ndcg_at_10"], ascending=False, kind="stable")
+        challenger = str(ranked.index[0])
+        challenger_score = float(ranked[PROMOTION_METRIC].iloc[0])
+        mlflow.log_metric(f"challenger_{PROMOTION_METRIC}", challenger_score)
+        mlflow.set_tag("challenger", challenger)
+        started = time.perf_counter()
+        fitted = clone(candidates[challenger]).fit(customer_lines, products)
+        timings["fit_challenger"] = time.perf_counter() - started
+        example_customer = str(fitted.customers_[0])
+        example_basket = [str(p) for p in rules["product"]["antecedent"].iloc[0]]
+        info = log_recommender(fitted, recommender_name=challenger, registered_model_name=model_name,
+                               example_customer=example_customer, example_basket=example_basket)
+        version = str(info.registered_model_version)
+
+        def rescore(uri: str) -> float:
+            recipe = fitted_recommender(mlflow.pyfunc.load_model(uri))
+            return float(evaluate_recommender(clone(recipe), customer_lines, k=10, products=products)[PROMOTION_METRIC])
+
+        decision = registry.decide_promotion(
+            model_name, version, challenger_score=challenger_score, score_fn=rescore, greater_is_better=True,
+            margin=promotion_margin, policy=promotion_policy, metric_name=PROMOTION_METRIC)
+        log.info("promotion of %s v%s: %s", model_name, version, decision.reason)
+
+        # publish what the champion recommends (the challenger's fit, or the kept champion's recipe refitted)
+        started = time.perf_counter()
+        champion = decision.champion_version_after
+        if champion is None or champion == version:
+            serving, published_version, serving_name = fitted, version, challenger
+        else:
+            kept = mlflow.pyfunc.load_model(f"models:/{model_name}/{champion}")
+            serving = clone(fitted_recommender(kept)).fit(customer_lines, products)
+            published_version, serving_name = champion, kept.unwrap_python_model().recommender_name
+        customers = pd.Index(np.sort(customer_lines["customer_id"].unique()))
+        recs = serving.recommend(customers, n=n_recommendations)
+        recs = recs.assign(
+            product_name=pd.Series(serving.names_, index=serving.items_).reindex(recs["product_id"]).to_numpy(),
+            recommender=serving_name,
+        )[RECOMMENDATION_COLUMNS]
+        recs["rank"] = recs["rank"].astype(np.int64)
+        timings["recommend_all"] = time.perf_counter() - started
+        mlflow.log_metrics({"n_recommendations": len(recs), "n_rules_published": len(rules_table),
+                            **{f"{k}_seconds": v for k, v in timings.items()}})
+
+        # nothing is published without its run: the run exists (checked) before the first row is written
+        registry.require_run(run_id)
+        reports = {
+            "association_rules": publish(settings, "association_rules", rules_table, as_of=as_of, run_id=run_id,
+                                         model_name=model_name, model_version=version,
+                                         key_columns=["level", "antecedent", "consequent"]),
+            "product_recommendations": publish(settings, "product_recommendations", recs, as_of=as_of,
+                                               run_id=run_id, model_name=model_name,
+                                               model_version=published_version,
+                                               key_columns=["customer_id", "rank"]),
+        }
+        mlflow.set_tags({"published": "ml.association_rules,ml.product_recommendations",
+                         "published_model_version": published_version})
+        experiment_id = parent.info.experiment_id
+
+    return BasketTrainingResult(
+        as_of=as_of, run_id=run_id, experiment_id=experiment_id, model_name=model_name, model_version=version,
+        challenger=challenger, champion_version=decision.champion_version_after, promoted=decision.promoted,
+        promotion_reason=decision.reason, published_model_version=published_version, metrics=metrics,
+        rules=rules, n_itemsets=n_itemsets, n_baskets=n_baskets, n_customers=n_customers, reports=reports,
+        seconds=timings,
+    )
