@@ -1,7 +1,9 @@
 -- One row: the point in time of every customer mart, the label horizon and the number of training snapshots.
 -- as_of defaults to the latest valid order date. Orders timestamped after their own load are already gone
--- (future_dated); orders a clock error put into a later but already past date are sparse, so "valid" also
--- means: the trailing 7 days up to that date hold at least `min_tail_week_share` of a typical week's orders.
+-- (future_dated); orders a clock error put on a later, already past date are sparse: at most one or two a day
+-- where a real day of trading has many. So "valid" also means a day with at least `min_tail_day_share` of a
+-- typical day's orders (the median over the four weeks before the 99th percentile date), and at least 2.
+-- Data too sparse to tell (a typical day under 4 orders) just uses the latest order date.
 with
 
 orders as (
@@ -18,40 +20,34 @@ daily_orders as (
     group by order_date
 ),
 
-typical_week as (
-    -- orders per 7 days over the central 98% of the order dates
-    select
-        7.0 * count(*) / greatest(max(order_date) - min(order_date) + 1, 1) as n_orders_per_week
-    from (
-        select
-            order_date,
-            percent_rank() over (order by order_date) as date_rank
-        from orders
-    ) as ranked
-    where date_rank between 0.01 and 0.99
+late_threshold as (
+    select percentile_disc(0.99) within group (order by order_date) as p99_order_date
+    from orders
 ),
 
-trailing_weeks as (
+typical_day as (
     select
-        daily_orders.order_date,
-        sum(daily_orders.n_orders) over (
-            order by daily_orders.order_date
-            range between interval '6 days' preceding and current row
-        ) as n_orders_trailing_week
+        percentile_cont(0.5) within group (order by daily_orders.n_orders) as n_orders_per_day
     from daily_orders
+    cross join late_threshold
+    where daily_orders.order_date between late_threshold.p99_order_date - 28 and late_threshold.p99_order_date
 ),
 
 data_as_of as (
     select
-        coalesce(
-            max(trailing_weeks.order_date) filter (
-                where trailing_weeks.n_orders_trailing_week
-                    >= {{ var('min_tail_week_share') }} * typical_week.n_orders_per_week
-            ),
-            max(trailing_weeks.order_date)
-        ) as latest_valid_order_date
-    from trailing_weeks
-    cross join typical_week
+        case
+            when typical_day.n_orders_per_day >= 4 then coalesce(
+                max(daily_orders.order_date) filter (
+                    where daily_orders.n_orders
+                        >= greatest(2, {{ var('min_tail_day_share') }} * typical_day.n_orders_per_day)
+                ),
+                max(daily_orders.order_date)
+            )
+            else max(daily_orders.order_date)
+        end as latest_valid_order_date
+    from daily_orders
+    cross join typical_day
+    group by typical_day.n_orders_per_day
 ),
 
 final as (

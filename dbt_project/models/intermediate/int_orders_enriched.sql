@@ -44,7 +44,8 @@ joined as (
         coalesce(line_totals.net_revenue, 0) as net_revenue,
         orders.status = 'cancelled' as is_cancelled,
         orders.status = 'returned' or coalesce(line_totals.has_returned_lines, false) as is_return,
-        coalesce(line_totals.gross_revenue, 0) > 0 as is_purchase,
+        -- a purchase sold at least one item and was not cancelled (free items count: CDNOW has $0 orders)
+        orders.status <> 'cancelled' and coalesce(line_totals.n_items, 0) > 0 as is_purchase,
         orders.is_before_signup,
         orders.is_unknown_customer,
         orders.exclusion_reason,
