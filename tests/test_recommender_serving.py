@@ -24,7 +24,7 @@ import pytest
 
 from ml import registry
 from ml.ingest.generator import GeneratorParams, generate
-from ml.train_baskets import build_basket_marts, MODEL_NAME, train_baskets
+from ml.train_baskets import MODEL_NAME, build_basket_marts, train_baskets
 from ml.warehouse import connect, create_database, drop_database, init_schemas, read_table
 
 GENERATED = GeneratorParams(customers=1500, days=730, seed=11)

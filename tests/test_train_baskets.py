@@ -18,7 +18,7 @@ from ml import registry
 from ml.baskets import BasketError, NoFrequentItemsets, TooManyItemsets
 from ml.ingest.generator import GeneratorParams, generate
 from ml.publish import content_checksum, current_as_of
-from ml.train_baskets import build_basket_marts, EXPERIMENT, METRICS, MODEL_NAME, train_baskets
+from ml.train_baskets import EXPERIMENT, METRICS, MODEL_NAME, build_basket_marts, train_baskets
 from ml.warehouse import connect, create_database, drop_database, init_schemas, read_table
 
 GENERATED = GeneratorParams(customers=1500, days=730, seed=7)
