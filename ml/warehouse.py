@@ -144,11 +144,17 @@ def stop_embedded(settings: Settings) -> bool:
 
 
 def ensure_warehouse(settings: Settings) -> None:
-    """Make the warehouse usable: start the embedded server when it is the default, then create schemas."""
+    """Make the warehouse usable: start the embedded server when it is the default, create schemas and roles."""
     if settings.embedded:
         start_embedded(settings)
     with connect(settings) as conn:
         init_schemas(conn)
+        # Least-privilege roles need a superuser (roles are server-wide, the marts grant trigger is an
+        # event trigger). On a managed server without one, a DBA runs ml/roles.sql once instead.
+        if conn.execute("select rolsuper from pg_roles where rolname = current_user").fetchone()[0]:
+            from ml.roles import apply_roles
+
+            apply_roles(conn)
 
 
 # ---------------------------------------------------------------------------------------------------------
