@@ -205,9 +205,15 @@ def _fit_gmm(Z, k, seed, sample_size):
     return Assigner(mixture=gm.fit(_sample(Z, max(sample_size * 4, 20_000), seed)))
 
 
-def _fit_ward(Z, k, seed, sample_size):
+def _ward_tree(Z, seed, sample_size):
+    """Ward's merge tree of a sample: built once, then cut at every k."""
     S = _sample(Z, sample_size, seed)
-    labels = fcluster(linkage(S, method="ward"), t=k, criterion="maxclust") - 1
+    return S, linkage(S, method="ward")
+
+
+def _fit_ward(Z, k, seed, sample_size, tree=None):
+    S, merges = tree if tree is not None else _ward_tree(Z, seed, sample_size)
+    labels = fcluster(merges, t=k, criterion="maxclust") - 1
     return _centroid_assigner(S, labels)
 
 
@@ -426,9 +432,10 @@ def _segment_customers(
     rows, assigners = [], {}
     for family in families:
         cache = {}
-        if family == "som":  # one map per data set; the k's only change how its nodes are grouped
-            cache["full"] = _som_codebook(Z, random_state, fit_sample)
-            cache["boot"] = [_som_codebook(Z[b], random_state + i + 1, fit_sample) for i, b in enumerate(boot)]
+        if family in ("som", "ward"):  # one map / merge tree per data set; the k's only cut it differently
+            build = _som_codebook if family == "som" else _ward_tree
+            cache["full"] = build(Z, random_state, fit_sample)
+            cache["boot"] = [build(Z[b], random_state + i + 1, fit_sample) for i, b in enumerate(boot)]
         for k in (ks if family != "hdbscan" else [0]):
             name = f"{family}_k{k}" if family != "hdbscan" else "hdbscan"
             row = {"candidate": name, "family": family, "k": k or np.nan, "failed": None}
@@ -474,9 +481,12 @@ def _segment_customers(
     return SegmentationResult(table.reset_index(), champion, model, assignments, profiles, params)
 
 
-def _fit_one(family, Z, k, seed, fit_sample, codebook=None) -> Assigner:
+def _fit_one(family, Z, k, seed, fit_sample, prepared=None) -> Assigner:
+    """``prepared``: the SOM codebook or Ward tree already built for this data (shared by every k)."""
     if family == "som":
-        return _fit_som(Z, k, seed, fit_sample, codebook)
+        return _fit_som(Z, k, seed, fit_sample, prepared)
+    if family == "ward":
+        return _fit_ward(Z, k, seed, fit_sample, prepared)
     return _FITTERS[family](Z, k, seed, fit_sample)
 
 
