@@ -104,8 +104,11 @@ def recommend_requests(recommender, model_input: Any, default_n: int = DEFAULT_N
     if not frames:
         return pd.DataFrame(columns=OUTPUT_COLUMNS)
     out = pd.concat(frames, ignore_index=True)
-    out["customer_id"] = [customers[i] for i in out["request"]]
-    new = np.array([c is not None and c not in known for c in out["customer_id"]], dtype=bool)
+    request = out["request"].to_numpy()
+    out["customer_id"] = [customers[i] for i in request]
+    # from the request list, not the column: pandas turns an anonymous None into NaN there
+    is_new = np.array([c is not None and c not in known for c in customers], dtype=bool)
+    new = is_new[request] if n_rows else np.zeros(0, dtype=bool)
     if new.any():
         # say why a stranger gets generic items: no history to personalise from
         out.loc[new, "reason"] = ("new customer (no purchase history): " + out.loc[new, "reason"].astype(str))
