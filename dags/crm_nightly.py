@@ -154,14 +154,30 @@ def crm_nightly():
 
         return check_marts(Settings.from_env(), loaded)
 
+    # Each training logs its MLflow runs, decides champion/challenger and publishes its ml.* tables.
+    @task(outlets=RULES, execution_timeout=timedelta(minutes=45))
+    def train_baskets(run_params: dict, loaded: dict, **context) -> dict:
+        from ml.nightly import train_baskets
+
+        return train_baskets(Settings.from_env(), run_params, loaded, orchestrator_run_id=context["run_id"])
+
+    @task(execution_timeout=timedelta(minutes=10))
+    def summarize(run_params: dict, loaded: dict, marts: dict, *trainings: dict) -> dict:
+        from ml.nightly import summarize
+
+        return summarize(Settings.from_env(), run_params, loaded, marts, list(trainings))
+
     params = validate_params()
     loaded = load_raw(params)
-    marts = _dbt_group(
+    dbt_marts = _dbt_group(
         "dbt_marts",
         select=["path:models/staging", "path:models/intermediate", "path:models/marts"],
     )
-    checked = check_marts(loaded)
-    params >> loaded >> marts >> checked
+    marts = check_marts(loaded)
+    params >> loaded >> dbt_marts >> marts
+    trainings = [train_baskets(params, loaded)]
+    marts >> trainings
+    summarize(params, loaded, marts, *trainings)
 
 
 crm_nightly()

@@ -124,3 +124,109 @@ def _latest_valid_order_date(conn) -> date | None:
         except Exception as err:  # a view broken by a model change: the fallback below is still correct
             log.warning("staging.int_as_of unreadable (%s); using raw.orders", err)
     return conn.execute("select max(ordered_at)::date from raw.orders where ordered_at <= _loaded_at").fetchone()[0]
+
+
+def train_baskets(settings: Settings, params: Mapping[str, Any], loaded: Mapping[str, Any], *,
+                  orchestrator_run_id: str | None = None) -> dict[str, Any]:
+    """Rules and recommenders: mine, compare, register, decide the champion, publish (ml.train_baskets)."""
+    from ml.train_baskets import train_baskets as train
+
+    result = train(
+        settings,
+        as_of=date.fromisoformat(loaded["as_of"]),
+        min_support=float(params["min_support"]),
+        min_confidence=float(params["min_confidence"]),
+        min_lift=float(params["min_lift"]),
+        max_len=int(params["max_len"]),
+        promotion_policy=params["promotion_policy"],
+        orchestrator_run_id=orchestrator_run_id,
+    )
+    return {
+        "family": "baskets",
+        "mlflow_run_id": result.run_id,
+        "model_name": result.model_name,
+        "challenger_version": result.model_version,
+        "champion_version": result.champion_version,
+        "promoted": bool(result.promoted),
+        "reason": result.promotion_reason,
+        "published": {name: int(getattr(r, "rows", 0) or 0) for name, r in result.reports.items()},
+        "n_itemsets": {k: int(v) for k, v in result.n_itemsets.items()},
+        "n_baskets": int(result.n_baskets),
+    }
+
+
+def summarize(settings: Settings, params: Mapping[str, Any], loaded: Mapping[str, Any],
+              marts: Mapping[str, Any], trainings: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """The run summary: parameters, as_of, row counts of the marts and ml tables, each family's decision.
+
+    Logged, returned (XCom, visible in the UI) and attached as ``run_summary.json`` to every MLflow run
+    this nightly run produced, so the summary sits beside the models it describes.
+    """
+    import json
+
+    from ml.warehouse import connect, table_counts
+
+    with connect(settings) as conn:
+        counts = table_counts(conn, ("marts", "ml"))
+    summary = {
+        "as_of": loaded["as_of"],
+        "params": dict(params),
+        "generated_demo_data": bool(loaded.get("generated")),
+        "tables": counts,
+        "trainings": [dict(t) for t in trainings if t],
+    }
+    text = json.dumps(summary, indent=2, default=str)
+    log.info("nightly run summary:\n%s", text)
+    run_ids = [t["mlflow_run_id"] for t in summary["trainings"] if t.get("mlflow_run_id")]
+    if run_ids:
+        from mlflow import MlflowClient
+
+        from ml import registry
+
+        registry.configure(settings)
+        client = MlflowClient()
+        for run_id in run_ids:
+            client.log_text(run_id, text, "run_summary.json")
+    return summary
+
+
+def run_nightly(settings: Settings, conf: Mapping[str, Any] | None = None) -> int:
+    """``crm run``: the whole nightly DAG once, end to end, in one process (``airflow dags test``), on the
+    configured warehouse; then where the results are. Parameters are checked before Airflow starts."""
+    import time
+
+    from ml.airflow_env import dags_test, prepare
+    from ml.warehouse import connect, ensure_warehouse, table_counts
+
+    RunParams.from_mapping(conf)
+    started = time.perf_counter()
+    print(f"warehouse: {settings.warehouse.redacted()}", flush=True)
+    ensure_warehouse(settings)
+    print("preparing Airflow (metadata database, dbt manifest) ...", flush=True)
+    env = prepare(settings)
+    print("running the nightly DAG crm_nightly (airflow dags test) ...", flush=True)
+    dags_test(settings, conf, env=env)
+    with connect(settings) as conn:
+        counts = table_counts(conn, ("marts", "ml"))
+    print(f"\nnightly run done in {time.perf_counter() - started:.0f} s. Tables:")
+    for table, n in counts.items():
+        print(f"  {table:<40} {n:>12,} rows")
+    print(f"\nMLflow: {settings.mlflow_tracking_uri}  (`crm ui` opens it)")
+    for name, version in champion_versions(settings).items():
+        print(f"  {name:<32} @champion = version {version}")
+    return 0
+
+
+def champion_versions(settings: Settings) -> dict[str, str]:
+    """Registered model -> version holding the ``champion`` alias."""
+    from mlflow import MlflowClient
+
+    from ml import registry
+
+    registry.configure(settings)
+    out: dict[str, str] = {}
+    for model in MlflowClient().search_registered_models():
+        aliases = getattr(model, "aliases", {}) or {}
+        if registry.CHAMPION_ALIAS in aliases:
+            out[model.name] = str(aliases[registry.CHAMPION_ALIAS])
+    return out
