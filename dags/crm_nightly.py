@@ -42,6 +42,8 @@ SETTINGS = Settings.from_env()  # reads environment variables only: no database,
 TZ = pendulum.timezone(SETTINGS.timezone)
 DBT_DIR = SETTINGS.dbt_project_dir
 MANIFEST = DBT_DIR / "target" / "manifest.json"
+# Downstream marts read the published ml.* tables, so they are built after training, in their own group.
+AUDIENCE_MODELS = DBT_DIR / "models" / "audiences"
 if not MANIFEST.exists():
     raise FileNotFoundError(
         f"dbt manifest not found at {MANIFEST}: the DAG loads the dbt graph from it. Create it with "
@@ -177,7 +179,10 @@ def crm_nightly():
     params >> loaded >> dbt_marts >> marts
     trainings = [train_baskets(params, loaded)]
     marts >> trainings
-    summarize(params, loaded, marts, *trainings)
+    summary = summarize(params, loaded, marts, *trainings)
+    if AUDIENCE_MODELS.is_dir():  # (a file-system check, no dbt: the group appears once the models exist)
+        audiences = _dbt_group("dbt_audiences", select=["path:models/audiences"])
+        trainings >> audiences >> summary
 
 
 crm_nightly()

@@ -106,6 +106,10 @@ def start_airflow(
     port = port or free_port()
     home = home or airflow_home(settings)
     env = prepare(settings, api_port=port, home=home)
+    # The scheduler and triggerer serve task logs on fixed ports by default (8793/8794): two local
+    # Airflows (a user's `crm ui` and a test) would fight over them.
+    env["AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT"] = str(free_port())
+    env["AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT"] = str(free_port())
     services = AirflowServices(log_dir=home.logs / "services", url=f"http://127.0.0.1:{port}",
                                password=admin_password(home))
     try:
