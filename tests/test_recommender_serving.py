@@ -89,6 +89,7 @@ def test_champion_loads_from_the_registry_and_answers_customers_baskets_and_stra
     assert set(companions) & set(basket["product_id"]), "the planted companion should go with its first item"
     as_text = _check_answer(out, 2)  # a space-separated string is a basket too
     assert not {first, companions[0]} & set(as_text["product_id"])
+    assert not as_text["reason"].str.startswith("new customer").any()  # anonymous, not a stranger
 
     stranger = _check_answer(out, 3)
     assert stranger["reason"].str.startswith("new customer (no purchase history): popular item").all()
