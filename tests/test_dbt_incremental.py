@@ -68,7 +68,8 @@ def test_incremental_build_equals_full_refresh(warehouse):
     assert o2["gross_revenue"] == 28  # 5 spoons + postage
     assert len(inc_lines) == len(before) + 1 + 1 - 1  # o20, o1's late line, minus o9's line
 
-    dbt_build(warehouse, horizon_days=60, full_refresh=True)
+    # rebuild just the two facts from scratch over the same (already current) upstream tables
+    dbt_build(warehouse, horizon_days=60, full_refresh=True, select=["fct_orders", "fct_order_lines"])
     full_orders = _snapshot(warehouse, "marts.fct_orders")
     full_lines = _snapshot(warehouse, "marts.fct_order_lines")
     pd.testing.assert_frame_equal(inc_orders, full_orders)
@@ -114,9 +115,15 @@ def test_features_ignore_data_after_their_cutoff(warehouse):
     labels_before = before["marts.clv_training_set"].set_index("customer_id")
     labels_after = after["marts.clv_training_set"].set_index("customer_id")
     assert labels_before.loc["c2", "future_spend"] == 0 and labels_after.loc["c2", "future_spend"] == 30
-    # ... and no feature column moved.
+    # ... c2's purchase before as_of rightly moved c2's scoring features ...
+    scoring_before = before["marts.clv_scoring_set"].set_index("customer_id")
+    scoring_after = after["marts.clv_scoring_set"].set_index("customer_id")
+    assert scoring_after.loc["c2", "n_orders"] == scoring_before.loc["c2", "n_orders"] + 1
+    # ... and nothing else moved: no training feature, no other customer's scoring feature.
     labels = ["future_spend", "has_future_purchase"]
-    pd.testing.assert_frame_equal(before["marts.customer_features"], after["marts.customer_features"])
-    pd.testing.assert_frame_equal(before["marts.clv_scoring_set"], after["marts.clv_scoring_set"])
     pd.testing.assert_frame_equal(before["marts.clv_training_set"].drop(columns=labels),
                                   after["marts.clv_training_set"].drop(columns=labels))
+    for table in ("marts.customer_features", "marts.clv_scoring_set"):
+        unchanged_before = before[table][before[table]["customer_id"] != "c2"].reset_index(drop=True)
+        unchanged_after = after[table][after[table]["customer_id"] != "c2"].reset_index(drop=True)
+        pd.testing.assert_frame_equal(unchanged_before, unchanged_after)
