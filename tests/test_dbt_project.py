@@ -246,7 +246,7 @@ def test_a_poisoning_row_fails_the_build_naming_the_test(built):
     try:
         with pytest.raises(DbtBuildFailed) as caught:
             run_dbt(settings, ["test", "--select", "assert_no_negative_net_spend_per_customer"],
-                    vars={"horizon_days": 60})
+                    vars={"horizon_days": 60, "training_snapshots": 1})
         assert "assert_no_negative_net_spend_per_customer" in str(caught.value)
         assert "1 failing rows" in str(caught.value)
         failed = caught.value.result.failed_nodes
