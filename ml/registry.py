@@ -220,7 +220,10 @@ def child_run(name: str, *, tags: Mapping[str, Any] | None = None) -> Iterator[m
     parent_tags = MlflowClient().get_run(parent.info.run_id).data.tags
     all_tags = {k: parent_tags[k] for k in _INHERITED_TAGS if k in parent_tags}
     all_tags.update({str(k): str(v) for k, v in (tags or {}).items()})
-    with mlflow.start_run(run_name=name, nested=True, tags=all_tags) as run:
+    # Without the parent's experiment id MLflow files a nested run under the active (often Default) experiment.
+    with mlflow.start_run(
+        experiment_id=parent.info.experiment_id, run_name=name, nested=True, tags=all_tags
+    ) as run:
         yield run
 
 
