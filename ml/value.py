@@ -384,6 +384,27 @@ class BtydBoostedRegressor(RegressorMixin, BaseEstimator):
         return base * self.estimator_.predict(self._inputs(X))
 
 
+class MeanEnsembleRegressor(RegressorMixin, BaseEstimator):
+    """The plain average of several regressors' predictions.
+
+    Their errors are only partly correlated (a GLM, trees on the per-day rate, trees correcting BG/NBD), so the
+    average is steadier than any one of them when the scoring horizon is longer than the training windows.
+    """
+
+    def __init__(self, estimators: tuple[tuple[str, BaseEstimator], ...] = ()):
+        self.estimators = estimators
+
+    def fit(self, X: pd.DataFrame, y, sample_weight=None):
+        if not self.estimators:
+            raise ValueInputError("MeanEnsembleRegressor needs at least one estimator.")
+        self.feature_names_in_ = np.asarray(X.columns, dtype=object)
+        self.estimators_ = [(name, clone(est).fit(X, y)) for name, est in self.estimators]
+        return self
+
+    def predict(self, X: pd.DataFrame):
+        return np.mean([est.predict(X) for _, est in self.estimators_], axis=0)
+
+
 def regression_candidates(random_state: int = 0, *, with_btyd: bool = True) -> dict[str, BaseEstimator]:
     """From a linear baseline to gradient boosting; all predict spend over the row's horizon."""
     cands: dict[str, BaseEstimator] = {
@@ -395,7 +416,7 @@ def regression_candidates(random_state: int = 0, *, with_btyd: bool = True) -> d
         "random_forest": PerDayRegressor(
             make_pipeline(
                 SimpleImputer(strategy="median", keep_empty_features=True),
-                RandomForestRegressor(n_estimators=100, min_samples_leaf=20, max_features=0.5, n_jobs=1,
+                RandomForestRegressor(n_estimators=60, min_samples_leaf=20, max_features=0.5, max_samples=0.5, n_jobs=1,
                                       random_state=random_state),
             )
         ),
@@ -407,6 +428,13 @@ def regression_candidates(random_state: int = 0, *, with_btyd: bool = True) -> d
     }
     if with_btyd:
         cands["btyd_boosted_poisson"] = BtydBoostedRegressor(random_state=random_state)
+        cands["blend_glm_gbm_btyd"] = MeanEnsembleRegressor(
+            (
+                ("tweedie_glm", cands["tweedie_glm"]),
+                ("hist_gbm_poisson", cands["hist_gbm_poisson"]),
+                ("btyd_boosted_poisson", cands["btyd_boosted_poisson"]),
+            )
+        )
     return cands
 
 
@@ -540,7 +568,7 @@ def _fit_value(training_set, valid_snapshot, candidates, selection_metric, use_b
     has_btyd = "btyd_expected_spend" in data.columns
     cands = dict(candidates) if candidates is not None else regression_candidates(random_state, with_btyd=has_btyd)
     if not has_btyd:
-        cands = {k: v for k, v in cands.items() if not isinstance(v, BtydBoostedRegressor)}
+        cands = {k: v for k, v in cands.items() if not _needs_btyd(v)}
     train, valid = temporal_split(data, valid_snapshot)
     features = numeric_feature_columns(data)
     y_valid = valid["future_spend"].to_numpy(float)
@@ -636,6 +664,12 @@ def _fit_churn(training_set, valid_snapshot, candidates, selection_metric, use_b
                 "n_train": len(train), "n_valid": len(valid), "n_features": len(features)},
         kind="churn",
     )
+
+
+def _needs_btyd(est) -> bool:
+    if isinstance(est, MeanEnsembleRegressor):
+        return any(_needs_btyd(e) for _, e in est.estimators)
+    return isinstance(est, BtydBoostedRegressor)
 
 
 def _churn_label(frame: pd.DataFrame) -> np.ndarray:
