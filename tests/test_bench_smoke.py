@@ -13,8 +13,11 @@ import os
 import subprocess
 import sys
 
-from bench import pipeline, reference
 from ml.config import PROJECT_ROOT
+
+# bench/ is a folder of scripts beside the package, not installed with it: import it from the checkout
+sys.path.insert(0, str(PROJECT_ROOT))
+from bench import pipeline, reference  # noqa: E402
 
 PIPELINE_STEPS = [
     pipeline.LOAD, pipeline.DBT_FULL, pipeline.TRAIN_SEGMENTATION, pipeline.TRAIN_VALUE, pipeline.TRAIN_BASKETS,
