@@ -697,3 +697,128 @@ def _save(fig, path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training entry: marts → segmentation → MLflow → ml.customer_segments / ml.segment_profiles (the I/O edge)
+# ---------------------------------------------------------------------------------------------------------
+MODEL_NAME = "crm_segmentation"
+EXPERIMENT = "segmentation"
+
+
+@dataclass
+class SegmentationTrainReport:
+    run_id: str
+    champion_candidate: str
+    model_version: str | None
+    promoted: bool
+    reason: str
+    rows_published: dict[str, int]
+
+
+def read_customer_features(conn) -> tuple[pd.DataFrame, dict[int, str]]:
+    """``marts.customer_features`` (COPY out) and the names of its category_share ranks."""
+    from ml.warehouse import copy_out
+
+    features = copy_out(conn, "select * from marts.customer_features order by customer_id").to_pandas()
+    if "customer_id" in features.columns:
+        features["customer_id"] = features["customer_id"].astype(str)
+    cats = copy_out(conn, "select rank, category from marts.feature_categories").to_pandas()
+    names = {int(r): str(c) for r, c in zip(cats.get("rank", []), cats.get("category", []), strict=True)}
+    return features, names
+
+
+def _pyfunc(model: SegmentModel):
+    """The SegmentModel as an MLflow pyfunc: features frame in, segment_id + segment_name out."""
+    import mlflow.pyfunc
+
+    class SegmentPyfunc(mlflow.pyfunc.PythonModel):
+        def __init__(self, segment_model):
+            self.segment_model = segment_model
+
+        def predict(self, context, model_input, params=None):  # noqa: ARG002 - pyfunc signature
+            ids = self.segment_model.predict(model_input)
+            names = [self.segment_model.segment_names.get(int(s), f"Segment {s}") for s in ids]
+            return pd.DataFrame({"segment_id": ids, "segment_name": names})
+
+    return SegmentPyfunc(model)
+
+
+def _silhouette_in(model: SegmentModel, features: pd.DataFrame, ids: np.ndarray, sample: int = 5000) -> float:
+    """Silhouette of any labelling of today's customers, measured in ``model``'s feature space (one yardstick
+    for champion and challenger)."""
+    Z = model.transform(features)
+    if len(np.unique(ids)) < 2:
+        return -1.0
+    return float(silhouette_score(Z, ids, sample_size=min(sample, len(Z)), random_state=0))
+
+
+def train_segmentation(
+    settings,
+    *,
+    orchestrator_run_id: str | None = None,
+    margin: float = 0.0,
+    policy: str = "auto",
+    **segment_kwargs,
+) -> SegmentationTrainReport:
+    """Read the marts, segment, log parent + one child run per candidate, register, decide the champion
+    (re-scored on today's customers), and publish ml.customer_segments / ml.segment_profiles."""
+    import tempfile
+
+    import mlflow
+
+    from ml import registry
+    from ml.publish import publish
+    from ml.warehouse import connect
+
+    registry.configure(settings)
+    with connect(settings) as conn:
+        features, categories = read_customer_features(conn)
+    result = segment_customers(features, category_names=categories, **segment_kwargs)
+    as_of = pd.Timestamp(features["as_of_date"].max()).date()
+    with registry.parent_run(EXPERIMENT, as_of=as_of, run_name=f"segmentation {as_of}",
+                             orchestrator_run_id=orchestrator_run_id) as parent:
+        registry.log_dataset(features, "marts.customer_features", as_of)
+        mlflow.log_params(result.params)
+        metric_cols = ["silhouette", "davies_bouldin", "calinski_harabasz", "stability_ari", "n_segments",
+                       "min_segment_share", "fit_seconds"]
+        for row in result.candidates.to_dict("records"):
+            with registry.child_run(row["candidate"], tags={"family": row["family"], "failed": row["failed"] or ""}):
+                mlflow.log_params({"family": row["family"], "k": row["k"]})
+                mlflow.log_metrics({m: float(row[m]) for m in metric_cols if np.isfinite(float(row[m]))})
+        best = result.candidates.set_index("candidate").loc[result.champion]
+        mlflow.log_metrics({m: float(best[m]) for m in metric_cols if np.isfinite(float(best[m]))})
+        mlflow.set_tag("champion_candidate", result.champion)
+        with tempfile.TemporaryDirectory() as tmp:
+            registry.log_figure_png(plot_k_selection(result.candidates, Path(tmp) / "k.png"), "plots/k_selection.png")
+            registry.log_figure_png(plot_segment_profiles(features, result.assignments, Path(tmp) / "p.png"),
+                                    "plots/segment_profiles.png")
+        mlflow.log_text(result.profiles.to_csv(index=False), "segment_profiles.csv")
+        example = features[result.model.feature_columns].head(5)
+        info = registry.log_pyfunc_model(_pyfunc(result.model), input_example=example, registered_model_name=MODEL_NAME)
+        challenger_score = _silhouette_in(result.model, features, result.assignments["segment_id"].to_numpy())
+
+        def rescore(uri: str) -> float:
+            ids = mlflow.pyfunc.load_model(uri).predict(features)["segment_id"].to_numpy()
+            return _silhouette_in(result.model, features, ids)
+
+        decision = registry.decide_promotion(
+            MODEL_NAME, info.registered_model_version, challenger_score=challenger_score, score_fn=rescore,
+            greater_is_better=True, margin=margin, policy=policy, metric_name="silhouette",
+        )
+        if decision.promoted:
+            assignments, profiles = result.assignments, result.profiles
+        else:  # the champion keeps serving: today's customers are assigned by it
+            served = mlflow.pyfunc.load_model(registry.champion_uri(MODEL_NAME)).predict(features)
+            assignments = pd.DataFrame({"customer_id": features["customer_id"].to_numpy(), **served})
+            profiles = segment_profiles(features, assignments["segment_id"].to_numpy(), category_names=categories)
+            names = dict(zip(assignments["segment_id"], assignments["segment_name"], strict=False))
+            profiles["segment_name"] = profiles["segment_id"].map(names)
+        version = decision.champion_version_after
+        counts = {}
+        for table, frame, key in (("customer_segments", assignments, ["customer_id"]),
+                                  ("segment_profiles", profiles, ["segment_id"])):
+            report = publish(settings, table, frame, as_of=as_of, run_id=parent.info.run_id, model_name=MODEL_NAME,
+                             model_version=version, key_columns=key)
+            counts[table] = report.rows if hasattr(report, "rows") else len(frame)
+    return SegmentationTrainReport(parent.info.run_id, result.champion, version, decision.promoted, decision.reason, counts)
