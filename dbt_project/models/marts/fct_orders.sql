@@ -17,7 +17,11 @@ orders as (
     where exclusion_reason is null
     {%- if is_incremental() %}
       and _source_loaded_at > (
-          select coalesce(max(_source_loaded_at), '-infinity'::timestamptz) from {{ this }}
+          -- a load whose transaction began before the last run but committed after it carries an older
+          -- _loaded_at: look back a few hours (re-processing an order is idempotent)
+          select coalesce(max(_source_loaded_at), '-infinity'::timestamptz)
+              - interval '{{ var("incremental_lookback_hours") }} hours'
+          from {{ this }}
       )
     {%- endif %}
 ),
