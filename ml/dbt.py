@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -273,9 +274,12 @@ def _failure_message(settings: Settings, result: DbtRunResult) -> str:
         lines = [f"dbt {result.args[0]} failed on {where}: {len(failed)} node(s) failed, {skipped} skipped"]
         lines += ["  " + n.describe() for n in failed]
         return "\n".join(lines)
-    # dbt stopped before running nodes (compile error, unreachable database, bad vars): show its errors.
-    errors = [ln for ln in result.output.splitlines() if "error" in ln.lower()] or result.output.splitlines()
-    tail = "\n  ".join(line.strip() for line in errors[-8:])
+    # dbt stopped before running nodes (compile error, unreachable database, bad vars): show its error text,
+    # from the first line that names an error on (the reason follows it), without dbt's timestamps.
+    lines = [re.sub(r"^\d\d:\d\d:\d\d\s+", "", ln).strip() for ln in result.output.splitlines()]
+    lines = [ln for ln in lines if ln]
+    first = next((i for i, ln in enumerate(lines) if "error" in ln.lower()), max(len(lines) - 8, 0))
+    tail = "\n  ".join(lines[first : first + 8])
     return f"dbt {' '.join(result.args)} failed on {where} (exit {result.returncode}):\n  {tail}"
 
 

@@ -274,8 +274,9 @@ def test_docs_generate_and_parse_work_offline(built, tmp_path):
 
 def test_unreachable_warehouse_is_a_clear_error(server_settings):
     settings = server_settings.with_database("no_such_database_dbt")
-    with pytest.raises(DbtBuildFailed, match="no_such_database_dbt"):
+    with pytest.raises(DbtBuildFailed, match="no_such_database_dbt") as caught:
         run_dbt(settings, ["run", "--select", "int_as_of"])
+    assert 'database "no_such_database_dbt" does not exist' in str(caught.value)
 
 
 def test_amounts_are_exact_decimals(built):
