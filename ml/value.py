@@ -791,3 +791,149 @@ def _save(fig, path) -> Path:
 
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training entry: marts → CLV + churn → MLflow → ml.customer_scores (the I/O edge)
+# ---------------------------------------------------------------------------------------------------------
+CLV_MODEL_NAME = "crm_clv"
+CHURN_MODEL_NAME = "crm_churn"
+EXPERIMENT = "value"
+
+
+@dataclass
+class ValueTrainReport:
+    run_id: str
+    clv_champion: str
+    churn_champion: str
+    clv_version: str | None
+    churn_version: str | None
+    clv_promoted: bool
+    churn_promoted: bool
+    rows_published: int
+
+
+def read_value_marts(conn) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``marts.clv_training_set`` and ``marts.clv_scoring_set`` via COPY, with Python types fixed
+    (text ids, dates, booleans that CSV spells t/f)."""
+    from ml.warehouse import copy_out
+
+    out = []
+    for table in ("marts.clv_training_set", "marts.clv_scoring_set"):
+        frame = copy_out(conn, f"select * from {table}").to_pandas()  # noqa: S608 - fixed table names
+        if "customer_id" in frame.columns:
+            frame["customer_id"] = frame["customer_id"].astype(str)
+        if "feature_cutoff_date" in frame.columns:
+            frame["feature_cutoff_date"] = pd.to_datetime(frame["feature_cutoff_date"])
+        if "has_future_purchase" in frame.columns and frame["has_future_purchase"].dtype != bool:
+            frame["has_future_purchase"] = frame["has_future_purchase"].astype(str).isin(["t", "true", "True"])
+        out.append(frame)
+    return out[0], out[1]
+
+
+def _value_pyfunc(model: ValueModel):
+    import mlflow.pyfunc
+
+    class ValuePyfunc(mlflow.pyfunc.PythonModel):
+        def __init__(self, value_model):
+            self.value_model = value_model
+
+        def predict(self, context, model_input, params=None):  # noqa: ARG002 - pyfunc signature
+            return pd.Series(self.value_model.predict(model_input), name=self.value_model.kind)
+
+    return ValuePyfunc(model)
+
+
+def train_value(
+    settings,
+    *,
+    orchestrator_run_id: str | None = None,
+    valid_snapshot: int = 1,
+    margin: float = 0.0,
+    policy: str = "auto",
+    n_threads: int | None = 1,
+) -> ValueTrainReport:
+    """Read the CLV marts, fit CLV and churn candidates with temporal validation, log parent + child runs,
+    register both champions (promoted only if they beat the current champion re-scored on today's holdout),
+    and publish ``ml.customer_scores``."""
+    import tempfile
+
+    import mlflow
+
+    from ml import registry
+    from ml.publish import publish
+    from ml.warehouse import connect
+
+    registry.configure(settings)
+    with connect(settings) as conn:
+        training, scoring = read_value_marts(conn)
+    _check_frame(scoring, name="clv_scoring_set", labels=False)
+    clv = fit_value(training, valid_snapshot=valid_snapshot, n_threads=n_threads)
+    churn = fit_churn(training, valid_snapshot=valid_snapshot, n_threads=n_threads)
+    as_of = pd.Timestamp(scoring["feature_cutoff_date"].max()).date()
+    holdout = training[training["snapshot"] == valid_snapshot]
+    y_holdout = holdout["future_spend"].to_numpy(float)
+
+    with registry.parent_run(EXPERIMENT, as_of=as_of, run_name=f"value {as_of}",
+                             orchestrator_run_id=orchestrator_run_id) as parent:
+        registry.log_dataset(training, "marts.clv_training_set", as_of, targets="future_spend")
+        registry.log_dataset(scoring, "marts.clv_scoring_set", as_of, context="scoring")
+        mlflow.log_params({**{f"clv_{k}": v for k, v in clv.params.items()}, "horizon_days": int(scoring["horizon_days"].iloc[0])})
+        for family, res, names in (("clv", clv, REGRESSION_METRICS), ("churn", churn, CHURN_METRICS)):
+            for name, row in res.metrics.iterrows():
+                with registry.child_run(f"{family}/{name}", tags={"family": family, "kind": row["kind"]}):
+                    mlflow.log_metrics({m: float(row[m]) for m in (*names, "fit_seconds") if np.isfinite(float(row[m]))})
+            champ = res.metrics.loc[res.champion]
+            mlflow.log_metrics({m: float(champ[m]) for m in names if np.isfinite(float(champ[m]))})
+            mlflow.set_tag(f"{family}_champion_candidate", res.champion)
+        with tempfile.TemporaryDirectory() as tmp:
+            v, c = clv.validation, churn.validation
+            registry.log_figure_png(plot_clv_deciles(v["actual"], v[clv.champion], Path(tmp) / "d.png"), "plots/clv_deciles.png")
+            registry.log_figure_png(plot_pred_vs_actual(v["actual"], v[clv.champion], Path(tmp) / "s.png"), "plots/clv_pred_vs_actual.png")
+            registry.log_figure_png(plot_feature_importances(clv.feature_importances, Path(tmp) / "i.png"), "plots/clv_importances.png")
+            registry.log_figure_png(plot_calibration(calibration_table(c["actual"], c[churn.champion]), Path(tmp) / "c.png"),
+                                    "plots/churn_calibration.png")
+
+        decisions = {}
+        for model_name, res, metric, better in ((CLV_MODEL_NAME, clv, "rmse", False), (CHURN_MODEL_NAME, churn, "log_loss", False)):
+            example = scoring.head(5)
+            info = registry.log_pyfunc_model(_value_pyfunc(res.model), input_example=example, name=model_name,
+                                             registered_model_name=model_name)
+
+            def rescore(uri: str, res=res, metric=metric) -> float:
+                pred = np.asarray(mlflow.pyfunc.load_model(uri).predict(holdout), float)
+                if res.kind == "churn":
+                    return churn_metrics(_churn_label(holdout), pred)[metric]
+                return value_metrics(y_holdout, pred)[metric]
+
+            decisions[model_name] = registry.decide_promotion(
+                model_name, info.registered_model_version, challenger_score=float(res.metrics.loc[res.champion, metric]),
+                score_fn=rescore, greater_is_better=better, margin=margin, policy=policy, metric_name=metric,
+            )
+
+        def serving(model_name: str, res: ValueResult):
+            if decisions[model_name].promoted:
+                return res.model
+            loaded = mlflow.pyfunc.load_model(registry.champion_uri(model_name))
+            return _LoadedModel(loaded, res.kind)
+
+        scores = score_customers(scoring, serving(CLV_MODEL_NAME, clv), serving(CHURN_MODEL_NAME, churn))
+        report = publish(settings, "customer_scores", scores, as_of=as_of, run_id=parent.info.run_id,
+                         model_name=CLV_MODEL_NAME, model_version=decisions[CLV_MODEL_NAME].champion_version_after,
+                         key_columns=["customer_id"])
+    return ValueTrainReport(
+        parent.info.run_id, clv.champion, churn.champion,
+        decisions[CLV_MODEL_NAME].champion_version_after, decisions[CHURN_MODEL_NAME].champion_version_after,
+        decisions[CLV_MODEL_NAME].promoted, decisions[CHURN_MODEL_NAME].promoted, report.rows,
+    )
+
+
+@dataclass
+class _LoadedModel:
+    """A champion loaded from the registry, with ValueModel's ``predict(frame)``."""
+
+    pyfunc: object
+    kind: str
+
+    def predict(self, frame: pd.DataFrame) -> np.ndarray:
+        return np.asarray(self.pyfunc.predict(frame), float)

@@ -223,3 +223,44 @@ def test_identical_features_give_a_documented_flat_prediction():
     pred = res.validation[res.champion].to_numpy()
     assert np.isfinite(pred).all() and np.ptp(pred) < 1e-6 * max(1.0, abs(pred).max())
     assert pred.mean() == pytest.approx(20.0, rel=0.05)  # the mean spend: the best flat prediction
+
+
+# ------------------------------------------------------------------- end to end: generator → dbt → MLflow → ml
+def test_train_value_end_to_end(warehouse):
+    """Generated CRM → dbt marts (3 snapshots) → train_value: child runs with identical metric names,
+    champion beats all-zero and linear on the temporal holdout, ml.customer_scores cites the run."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from ml import registry
+    from ml.dbt import dbt_build
+    from ml.ingest.generator import GeneratorParams, generate
+    from ml.value import CLV_MODEL_NAME, train_value
+    from ml.warehouse import connect, read_table
+
+    with connect(warehouse) as conn:
+        generate(conn, GeneratorParams(customers=1500, days=730, seed=7))
+    dbt_build(warehouse, horizon_days=90, training_snapshots=3)
+    report = train_value(warehouse)
+    assert report.clv_promoted and report.churn_promoted
+
+    with connect(warehouse) as conn:
+        scores = read_table(conn, "ml.customer_scores")
+        scoring = read_table(conn, "marts.clv_scoring_set")
+    assert len(scores) == len(scoring) == report.rows_published
+    assert set(scores["mlflow_run_id"]) == {report.run_id}
+    assert scores["churn_probability"].between(0, 1).all() and (scores["predicted_spend"] >= 0).all()
+
+    registry.configure(warehouse)
+    run = MlflowClient().get_run(report.run_id)
+    children = mlflow.search_runs(experiment_ids=[run.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{report.run_id}'")
+    clv_children = children[children["tags.family"] == "clv"].set_index("tags.mlflow.runName")
+    for metric in REGRESSION_METRICS:
+        assert clv_children[f"metrics.{metric}"].notna().all(), metric  # same names on every candidate
+    champ = clv_children.loc[f"clv/{report.clv_champion}"]
+    assert champ["metrics.rmse"] < clv_children.loc["clv/all_zero", "metrics.rmse"]
+    assert champ["metrics.rmse"] <= clv_children.loc["clv/linear_regression", "metrics.rmse"]
+    churn_children = children[children["tags.family"] == "churn"].set_index("tags.mlflow.runName")
+    assert churn_children.loc[f"churn/{report.churn_champion}", "metrics.roc_auc"] > 0.6
+    assert registry.champion_version(CLV_MODEL_NAME) == report.clv_version == "1"
