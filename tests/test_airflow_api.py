@@ -69,6 +69,17 @@ def test_trigger_with_params_through_the_rest_api(small_warehouse, tmp_path):
         status, dag = api.call("PATCH", f"/dags/{DAG}", {"is_paused": False})
         assert status == 200 and dag["is_paused"] is False
 
+        # Unpausing makes the scheduler create the latest 02:00 run (catchup=False keeps only that one),
+        # which would hold the single active-run slot; this test is about the trigger path, so that run is
+        # marked failed, as an operator would in the UI.
+        def scheduled_run():
+            runs = api.call("GET", f"/dags/{DAG}/dagRuns?run_type=scheduled")[1].get("dag_runs", [])
+            return runs[0]["dag_run_id"] if runs else None
+
+        scheduled = _wait(scheduled_run, 120, "the catch-up run of the latest 02:00", services, poll=1)
+        status, body = api.call("PATCH", f"/dags/{DAG}/dagRuns/{quote(scheduled, safe='')}", {"state": "failed"})
+        assert status == 200, body
+
         # A value the form refuses is refused by the API before any run exists.
         status, body = api.call("POST", f"/dags/{DAG}/dagRuns", {"logical_date": None, "conf": {"min_support": 2}})
         assert status == 400, body
