@@ -163,6 +163,18 @@ def crm_nightly():
 
         return train_baskets(Settings.from_env(), run_params, loaded, orchestrator_run_id=context["run_id"])
 
+    @task(outlets=SEGMENTS, execution_timeout=timedelta(minutes=45))
+    def train_segments(run_params: dict, loaded: dict, **context) -> dict:
+        from ml.nightly import train_segments
+
+        return train_segments(Settings.from_env(), run_params, loaded, orchestrator_run_id=context["run_id"])
+
+    @task(outlets=SCORES, execution_timeout=timedelta(minutes=45))
+    def train_value(run_params: dict, loaded: dict, **context) -> dict:
+        from ml.nightly import train_value
+
+        return train_value(Settings.from_env(), run_params, loaded, orchestrator_run_id=context["run_id"])
+
     @task(execution_timeout=timedelta(minutes=10))
     def summarize(run_params: dict, loaded: dict, marts: dict, *trainings: dict) -> dict:
         from ml.nightly import summarize
@@ -177,7 +189,7 @@ def crm_nightly():
     )
     marts = check_marts(loaded)
     params >> loaded >> dbt_marts >> marts
-    trainings = [train_baskets(params, loaded)]
+    trainings = [train_segments(params, loaded), train_baskets(params, loaded), train_value(params, loaded)]
     marts >> trainings
     summary = summarize(params, loaded, marts, *trainings)
     if AUDIENCE_MODELS.is_dir():  # (a file-system check, no dbt: the group appears once the models exist)

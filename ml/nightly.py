@@ -230,3 +230,47 @@ def champion_versions(settings: Settings) -> dict[str, str]:
         if registry.CHAMPION_ALIAS in aliases:
             out[model.name] = str(aliases[registry.CHAMPION_ALIAS])
     return out
+
+
+def train_segments(settings: Settings, params: Mapping[str, Any], loaded: Mapping[str, Any], *,
+                   orchestrator_run_id: str | None = None) -> dict[str, Any]:
+    """Segmentation: candidates (families × k), champion/challenger, publish (ml.segmentation)."""
+    from ml.segmentation import train_segmentation
+
+    report = train_segmentation(
+        settings,
+        orchestrator_run_id=orchestrator_run_id,
+        policy=params["promotion_policy"],
+        families=tuple(params["segmentation_families"]),
+        k_range=range(int(params["k_min"]), int(params["k_max"]) + 1),
+    )
+    return {
+        "family": "segmentation",
+        "as_of": loaded["as_of"],
+        "mlflow_run_id": report.run_id,
+        "champion_candidate": report.champion_candidate,
+        "challenger_version": report.model_version,
+        "promoted": bool(report.promoted),
+        "reason": report.reason,
+        "published": {k: int(v) for k, v in report.rows_published.items()},
+    }
+
+
+def train_value(settings: Settings, params: Mapping[str, Any], loaded: Mapping[str, Any], *,
+                orchestrator_run_id: str | None = None) -> dict[str, Any]:
+    """CLV and churn: candidates with temporal validation, champion/challenger, publish (ml.value).
+    The horizon is the marts' (dbt var ``horizon_days``, set from the run's parameters)."""
+    from ml.value import train_value as train
+
+    report = train(settings, orchestrator_run_id=orchestrator_run_id, policy=params["promotion_policy"])
+    return {
+        "family": "value",
+        "as_of": loaded["as_of"],
+        "mlflow_run_id": report.run_id,
+        "clv_champion": report.clv_champion,
+        "churn_champion": report.churn_champion,
+        "clv_version": report.clv_version,
+        "churn_version": report.churn_version,
+        "promoted": {"clv": bool(report.clv_promoted), "churn": bool(report.churn_promoted)},
+        "published": {"customer_scores": int(report.rows_published)},
+    }

@@ -167,10 +167,15 @@ def test_every_dbt_model_is_a_task_after_load_and_before_the_marts_gate(describe
     gate = upstream["check_marts"]
     assert any(u.startswith("dbt_marts.") for u in gate)
     assert {u for u in gate if not u.startswith("dbt_marts.")} == {"load_raw"}  # (its as_of, via XCom)
+    for training in ("train_segments", "train_baskets", "train_value"):
+        assert "check_marts" in upstream[training], training
+        assert not any(u.startswith("train_") for u in upstream[training])  # the three run in parallel
+        assert training in upstream["summarize"]
 
 
 def test_marts_are_declared_assets(described):
-    for table in ("marts.customer_features", "marts.basket_lines", "marts.clv_scoring_set"):
+    for table in ("marts.customer_features", "marts.basket_lines", "marts.clv_scoring_set",
+                  "ml.customer_segments", "ml.association_rules", "ml.customer_scores"):
         assert table in described["outlets"]
 
 
@@ -211,8 +216,9 @@ def test_out_of_range_value_is_refused_at_trigger_time(manifest, warehouse, tmp_
     assert ae.dag_runs(env) == []  # the form's schema refused it: no run was created
 
 
-# The ml tables the DAG publishes today (segmentation and value join when their training steps are wired).
-PUBLISHED = ("association_rules", "product_recommendations")
+# The ml tables the three trainings publish.
+PUBLISHED = ("customer_segments", "segment_profiles", "association_rules", "product_recommendations",
+             "customer_scores")
 
 
 def _published(settings: Settings) -> dict[str, tuple[str, int, int]]:
@@ -236,7 +242,9 @@ def test_full_nightly_run_end_to_end_and_a_rerun_of_the_same_as_of_is_identical(
     env = _env(warehouse, ae.AirflowHome(tmp_path / "airflow"))
     ae.migrate(env)
 
-    ae.dags_test(warehouse, {"max_len": 2}, env=env, timeout=2400)
+    # Small and quick: two families, a narrow k range, short itemsets.
+    conf = {"max_len": 2, "segmentation_families": ["kmeans", "gmm"], "k_min": 3, "k_max": 4}
+    ae.dags_test(warehouse, conf, env=env, timeout=2400)
     runs = ae.dag_runs(env)
     states = ae.task_states(env, runs[0]["run_id"])
     assert set(states.values()) == {"success"}, {t: s for t, s in states.items() if s != "success"}
@@ -247,6 +255,6 @@ def test_full_nightly_run_end_to_end_and_a_rerun_of_the_same_as_of_is_identical(
         as_of = conn.execute("select max(as_of_date) from marts.customer_features").fetchone()[0]
 
     # The same as_of again (explicitly, as a backfill of that date would): replaced, never duplicated.
-    ae.dags_test(warehouse, {"max_len": 2, "as_of": as_of.isoformat()}, env=env, timeout=2400)
+    ae.dags_test(warehouse, {**conf, "as_of": as_of.isoformat()}, env=env, timeout=2400)
     assert ae.dag_runs(env)[0]["state"] == "success"
     assert _published(warehouse) == first
