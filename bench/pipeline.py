@@ -424,9 +424,10 @@ def rescore(bench: Bench, settings: Settings, trained: dict) -> None:
             features = _read(settings, "marts.customer_features")
             model = trained["segment_model"]
             ids = model.predict(features)
+            names = pd.Series(ids).map(model.segment_names)  # vectorised: no Python loop per customer
             frames["customer_segments"] = pd.DataFrame({
                 "customer_id": features["customer_id"].to_numpy(), "segment_id": ids,
-                "segment_name": [model.segment_names.get(int(s), f"Segment {s}") for s in ids]})
+                "segment_name": names.fillna("Segment " + pd.Series(ids).astype(str)).to_numpy()})
         if "value_model" in trained:
             scoring = _read(settings, "marts.clv_scoring_set")
             frames["customer_scores"] = score_customers(scoring, trained["value_model"], trained["churn_model"])
