@@ -76,10 +76,20 @@ def _parser() -> argparse.ArgumentParser:
         run=_dbt_docs
     )
 
+    run = sub.add_parser("run", help="run the nightly DAG once end to end (airflow dags test)")
+    run.add_argument("--conf", default=None, help='run parameters as JSON, e.g. \'{"k_min": 4, "min_support": 0.02}\'')
+    run.add_argument("--as-of", default=None, help="shorthand for the as_of parameter (YYYY-MM-DD)")
+    run.set_defaults(run=_run)
+
+    ui = sub.add_parser("ui", help="start the Airflow and MLflow UIs on 127.0.0.1 (Ctrl-C stops them)")
+    ui.add_argument("--airflow-port", type=int, default=8080)
+    ui.add_argument("--mlflow-port", type=int, default=5000)
+    ui.set_defaults(run=_ui)
+
     sub.add_parser("status", help="warehouse row counts and the latest load batches").set_defaults(run=_status)
-    sub.add_parser("demo", help="the main job: warehouse up, demo CRM generated and loaded").set_defaults(
-        run=_demo
-    )
+    sub.add_parser(
+        "demo", help="the main job: warehouse up, demo CRM generated, the whole nightly pipeline run once"
+    ).set_defaults(run=_demo)
     return parser
 
 
@@ -190,8 +200,30 @@ def _status(settings: Settings, args) -> int:
     return 0
 
 
+def _run(settings: Settings, args) -> int:
+    import json
+
+    from ml.nightly import run_nightly
+
+    try:
+        conf = json.loads(args.conf) if args.conf else {}
+    except json.JSONDecodeError as err:
+        raise CrmError(f"--conf is not valid JSON: {err}") from None
+    if not isinstance(conf, dict):
+        raise CrmError("--conf must be a JSON object of run parameters")
+    if args.as_of:
+        conf["as_of"] = args.as_of
+    return run_nightly(settings, conf)
+
+
+def _ui(settings: Settings, args) -> int:
+    from ml.ui import run_ui
+
+    return run_ui(settings, airflow_port=args.airflow_port, mlflow_port=args.mlflow_port)
+
+
 def _demo(settings: Settings, args) -> int:
-    """The main job. Grows with the pipeline: today it brings the warehouse up and loads a demo CRM."""
+    """The main job: the whole nightly pipeline on a generated demo CRM (see ml/pipeline.py)."""
     from ml.pipeline import run_demo
 
     return run_demo(settings)

@@ -1,30 +1,23 @@
-"""The main job end to end, as the README's first command runs it."""
+"""The main job, as the README's first command runs it: the nightly pipeline once, on a demo CRM."""
 
 from __future__ import annotations
 
-import time
-
 from ml.config import Settings
-from ml.warehouse import connect, ensure_warehouse, table_counts
-
-DEMO_CUSTOMERS = 5000
-DEMO_DAYS = 730
-DEMO_SEED = 42
+from ml.nightly import DEMO_CUSTOMERS, DEMO_DAYS, DEMO_SEED, run_nightly
 
 
 def run_demo(settings: Settings) -> int:
-    from ml.ingest.generator import GeneratorParams, generate
-
-    started = time.perf_counter()
-    print(f"[1/2] warehouse: {settings.warehouse.redacted()}")
-    ensure_warehouse(settings)
-    print(f"[2/2] generating a demo CRM ({DEMO_CUSTOMERS:,} customers, {DEMO_DAYS} days, seed {DEMO_SEED})")
-    with connect(settings) as conn:
-        report = generate(conn, GeneratorParams(customers=DEMO_CUSTOMERS, days=DEMO_DAYS, seed=DEMO_SEED))
-        print("      " + report.summary())
-        counts = table_counts(conn, ("raw", "audit"))
-    print(f"\ndone in {time.perf_counter() - started:.1f} s. Results:")
-    for table, n in counts.items():
-        print(f"  {table:<32} {n:>10,} rows")
-    print(f"\nwarehouse URL: {settings.warehouse.redacted()}  (psql it, or `crm status`)")
-    return 0
+    print(
+        "CRM platform demo: the nightly DAG crm_nightly runs once end to end. An empty warehouse first gets a "
+        f"generated CRM ({DEMO_CUSTOMERS:,} customers, {DEMO_DAYS} days, seed {DEMO_SEED}).",
+        flush=True,
+    )
+    code = run_nightly(settings, {})
+    print(
+        "\nNext:\n"
+        "  .venv/bin/crm ui        Airflow and MLflow UIs on 127.0.0.1 (URLs and login are printed)\n"
+        "  .venv/bin/crm status    row counts and load batches\n"
+        "  .venv/bin/crm dbt docs  the dbt documentation site\n"
+        f"  psql {settings.warehouse.redacted()}   and read marts.campaign_audiences, ml.*"
+    )
+    return code
