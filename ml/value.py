@@ -374,6 +374,7 @@ class BtydBoostedRegressor(RegressorMixin, BaseEstimator):
             loss="poisson", learning_rate=self.learning_rate, max_iter=self.max_iter,
             max_leaf_nodes=self.max_leaf_nodes, min_samples_leaf=self.min_samples_leaf,
             l2_regularization=self.l2_regularization, random_state=self.random_state,
+            early_stopping=False,  # its validation split is random, not temporal
         )
         w = base if sample_weight is None else base * np.asarray(sample_weight, float)
         self.estimator_.fit(self._inputs(X), y / base, sample_weight=w)
@@ -422,7 +423,8 @@ def regression_candidates(random_state: int = 0, *, with_btyd: bool = True) -> d
         ),
         "hist_gbm_poisson": PerDayRegressor(
             HistGradientBoostingRegressor(loss="poisson", learning_rate=0.05, max_iter=300, max_leaf_nodes=15,
-                                          min_samples_leaf=50, random_state=random_state),
+                                          min_samples_leaf=50, early_stopping=False,
+                                          random_state=random_state),
             clip_negative=True,
         ),
     }
@@ -560,10 +562,17 @@ def _threads(n_threads: int | None):
     return nullcontext() if n_threads is None else threadpool_limits(limits=n_threads)
 
 
+def _sorted(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows in a fixed order: the database returns them in any order, and results must not depend on it."""
+    keys = [c for c in ("snapshot", "customer_id") if c in frame.columns]
+    return frame.sort_values(keys, kind="stable", ignore_index=True) if keys else frame
+
+
 def _fit_value(training_set, valid_snapshot, candidates, selection_metric, use_btyd, refit, random_state):
     import time
 
     _check_frame(training_set, name="clv_training_set", labels=True)
+    training_set = _sorted(training_set)
     data, btyd_params = _prepare_training(training_set, use_btyd)
     has_btyd = "btyd_expected_spend" in data.columns
     cands = dict(candidates) if candidates is not None else regression_candidates(random_state, with_btyd=has_btyd)
@@ -625,6 +634,7 @@ def _fit_churn(training_set, valid_snapshot, candidates, selection_metric, use_b
     import time
 
     _check_frame(training_set, name="clv_training_set", labels=True)
+    training_set = _sorted(training_set)
     data, btyd_params = _prepare_training(training_set, use_btyd)
     train, valid = temporal_split(data, valid_snapshot)
     churn_train = _churn_label(train)
