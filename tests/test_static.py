@@ -34,7 +34,9 @@ def test_no_credentials_in_tracked_files():
         path = Path(PROJECT_ROOT, name)
         if path.suffix in {".png", ".gz", ".xlsx"} or not path.is_file():
             continue
-        text = path.read_text(errors="ignore")
-        for match in _SECRET.finditer(text):
-            offenders.append(f"{name}: {match.group(0)[:40]}")
+        for line in path.read_text(errors="ignore").splitlines():
+            if "not-a-secret" in line:  # a deliberate fake, e.g. a test that a password never leaks
+                continue
+            for match in _SECRET.finditer(line):
+                offenders.append(f"{name}: {match.group(0)[:40]}")
     assert not offenders, offenders
