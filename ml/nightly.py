@@ -58,9 +58,14 @@ def load_raw(settings: Settings, params: Mapping[str, Any], *, run_after: dateti
     return {**loaded, "as_of": as_of.isoformat(), "dbt_vars": dbt_vars(params, as_of)}
 
 
+# CLV temporal validation trains on older snapshots and validates on snapshot 1 (ml.value): two at least.
+TRAINING_SNAPSHOTS = 2
+
+
 def dbt_vars(params: Mapping[str, Any], as_of: date) -> dict[str, Any]:
     """The dbt vars of this run: always a concrete as_of, so every model of the run sees the same date."""
-    return {"as_of": as_of.isoformat(), "horizon_days": int(params["horizon_days"])}
+    return {"as_of": as_of.isoformat(), "horizon_days": int(params["horizon_days"]),
+            "training_snapshots": TRAINING_SNAPSHOTS}
 
 
 def dbt_runtime(settings: Settings, params: Mapping[str, Any], loaded: Mapping[str, Any]) -> dict[str, Any]:
@@ -78,7 +83,8 @@ REQUIRED_MARTS = ("marts.customer_features", "marts.basket_lines", "marts.clv_tr
 
 
 def check_marts(settings: Settings, loaded: Mapping[str, Any]) -> dict[str, Any]:
-    """Gate between dbt and training: the marts are built for this run's as_of and are not empty."""
+    """Gate between dbt and training: the marts are built for this run's as_of and are not empty, and the
+    MLflow tracking store is usable."""
     from ml.errors import CrmError
     from ml.warehouse import connect, table_counts
 
@@ -93,6 +99,12 @@ def check_marts(settings: Settings, loaded: Mapping[str, Any]) -> dict[str, Any]
             f"marts.customer_features is as of {built_as_of}, expected {loaded['as_of']}: "
             "the dbt build did not run with this run's as_of"
         )
+    # The tracking store is opened (and a fresh SQLite one created) here, once: the three trainings start
+    # in parallel and would otherwise race to create its tables. An unreachable store fails here, clearly,
+    # before any training.
+    from ml import registry
+
+    registry.configure(settings)
     return {"as_of": loaded["as_of"], "marts": counts}
 
 
