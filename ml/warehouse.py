@@ -265,7 +265,13 @@ def copy_out(conn: psycopg.Connection, query: str | sql.Composable) -> pa.Table:
     if buffer.tell() == 0:
         return pa.table({})
     buffer.seek(0)
-    return pacsv.read_csv(buffer, convert_options=pacsv.ConvertOptions(strings_can_be_null=True, quoted_strings_can_be_null=False))
+    return pacsv.read_csv(buffer, convert_options=pacsv.ConvertOptions(
+            strings_can_be_null=True,
+            quoted_strings_can_be_null=False,
+            # PostgreSQL's CSV spells booleans t / f: read them as booleans, not as (always truthy) text.
+            true_values=["t", "true"],
+            false_values=["f", "false"],
+        ))
 
 
 def read_table(conn: psycopg.Connection, table: str) -> pd.DataFrame:
