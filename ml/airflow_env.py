@@ -77,7 +77,9 @@ def airflow_env(
             "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             # SQLite is enough for one user on one machine; docker-compose uses PostgreSQL instead.
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home.database}",
+            # (timeout: wait up to 30 s for SQLite's write lock instead of failing an API call with "database
+            # is locked" while the scheduler writes)
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home.database}?timeout=30",
             "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
             # Two cores: the three trainings in parallel plus one spare slot.
             "AIRFLOW__CORE__PARALLELISM": "4",

@@ -27,6 +27,16 @@ class Api:
         self.base, self.token = base, token
 
     def call(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+        # A local Airflow on SQLite can answer 500 "Database error" when its single writer lock is busy
+        # (the transaction is rolled back); the call is repeated then, as a user would press again.
+        for _ in range(5):
+            status, body_out = self._call(method, path, body)
+            if status != 500:
+                break
+            time.sleep(2)
+        return status, body_out
+
+    def _call(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
         request = urllib.request.Request(
             f"{self.base}/api/v2{path}",
             data=None if body is None else json.dumps(body).encode(),
@@ -55,7 +65,7 @@ def _wait(predicate, timeout: float, what: str, services, poll: float = 3.0):
 def small_warehouse(warehouse: Settings) -> Settings:
     """A small generated CRM already in raw, so the run's load step has nothing to generate."""
     with connect(warehouse) as conn:
-        generate(conn, GeneratorParams(customers=400, days=365, seed=11))
+        generate(conn, GeneratorParams(customers=1500, days=730, seed=11))
     return warehouse
 
 

@@ -173,6 +173,22 @@ def test_every_dbt_model_is_a_task_after_load_and_before_the_marts_gate(describe
         assert training in upstream["summarize"]
 
 
+def test_downstream_marts_are_built_after_the_trainings(described, manifest):
+    nodes = json.loads(manifest.read_text())["nodes"].values()
+    audiences = {n["name"] for n in nodes if n["resource_type"] == "model" and n["path"].startswith("audiences/")}
+    if not audiences:
+        pytest.fail("no models under dbt_project/models/audiences (campaign_audiences) yet")
+    upstream = described["upstream"]
+    for model in audiences:
+        task = f"dbt_audiences.{model}_model_build"
+        assert task in upstream, task
+    roots = [t for t in upstream if t.startswith("dbt_audiences.") and not any(
+        u.startswith("dbt_audiences.") for u in upstream[t])]
+    for root in roots:
+        assert {"train_segments", "train_baskets", "train_value"} <= set(upstream[root]), root
+    assert any(u.startswith("dbt_audiences.") for u in upstream["summarize"])
+
+
 def test_marts_are_declared_assets(described):
     for table in ("marts.customer_features", "marts.basket_lines", "marts.clv_scoring_set",
                   "ml.customer_segments", "ml.association_rules", "ml.customer_scores"):
@@ -238,7 +254,7 @@ def test_full_nightly_run_end_to_end_and_a_rerun_of_the_same_as_of_is_identical(
     from ml.ingest.generator import GeneratorParams, generate
 
     with connect(warehouse) as conn:
-        generate(conn, GeneratorParams(customers=400, days=365, seed=5))
+        generate(conn, GeneratorParams(customers=1500, days=730, seed=5))
     env = _env(warehouse, ae.AirflowHome(tmp_path / "airflow"))
     ae.migrate(env)
 
