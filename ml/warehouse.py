@@ -204,11 +204,19 @@ def init_schemas(conn: psycopg.Connection) -> None:
 
 
 def table_counts(conn: psycopg.Connection, schemas: tuple[str, ...] = WAREHOUSE_SCHEMAS) -> dict[str, int]:
-    """Exact row counts of every table (not view) in the given schemas, as ``schema.table -> rows``."""
+    """Exact row counts of every table and view in the given schemas, as ``schema.table -> rows``.
+
+    Partitions are left out (their parent counts them), so ``ml.<table>`` (a view of the current ``as_of``)
+    and ``ml.<table>_history`` (every ``as_of``) each appear once.
+    """
     rows = conn.execute(
         """
-        select table_schema, table_name from information_schema.tables
-        where table_schema = any(%s) and table_type = 'BASE TABLE'
+        select n.nspname, c.relname
+        from pg_class c
+        join pg_namespace n on n.oid = c.relnamespace
+        where n.nspname = any(%s)
+          and c.relkind in ('r', 'p', 'v', 'm')
+          and not c.relispartition
         order by 1, 2
         """,
         [list(schemas)],
