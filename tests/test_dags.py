@@ -109,7 +109,7 @@ def described(manifest, server_settings: Settings, af_home) -> dict:
     # A password in the URL: it must not end up in the serialized DAG (the dbt connection is set at run time).
     settings = Settings.from_env({
         "CRM_STATE_DIR": str(server_settings.state_dir),
-        "WAREHOUSE_URL": f"postgresql://crm_user:s3cret-pw@127.0.0.1:{server_settings.warehouse.port}/crm",
+        "WAREHOUSE_URL": f"postgresql://crm_user:s3cret-pw@127.0.0.1:{server_settings.warehouse.port}/crm",  # not-a-secret
     })
     return _inspect(_env(settings, af_home), server_settings.warehouse.port)
 
