@@ -95,7 +95,7 @@ def test_trigger_with_params_through_the_rest_api(small_warehouse, tmp_path):
         assert status == 400, body
         assert "min_support" in json.dumps(body)
 
-        conf = {"max_len": 2, "promotion_policy": "force", "horizon_days": 60}
+        conf = {"max_len": 2, "min_support": 0.002, "promotion_policy": "force", "horizon_days": 60}
         status, run = api.call("POST", f"/dags/{DAG}/dagRuns", {"logical_date": None, "conf": conf})
         assert status == 200, run
         run_id = quote(run["dag_run_id"], safe="")

@@ -259,7 +259,7 @@ def test_full_nightly_run_end_to_end_and_a_rerun_of_the_same_as_of_is_identical(
     ae.migrate(env)
 
     # Small and quick: two families, a narrow k range, short itemsets.
-    conf = {"max_len": 2, "segmentation_families": ["kmeans", "gmm"], "k_min": 3, "k_max": 4}
+    conf = {"max_len": 2, "min_support": 0.002, "segmentation_families": ["kmeans", "gmm"], "k_min": 3, "k_max": 4}
     ae.dags_test(warehouse, conf, env=env, timeout=2400)
     runs = ae.dag_runs(env)
     states = ae.task_states(env, runs[0]["run_id"])
