@@ -121,20 +121,31 @@ def _check_frame(frame: pd.DataFrame, *, name: str, labels: bool) -> None:
 def rfm_from_features(frame: pd.DataFrame) -> pd.DataFrame:
     """BTYD summary (frequency, recency, T, monetary_value) derived from contract feature columns.
 
-    frequency = n_orders − 1 (repeat orders), T = tenure_days (first order → cutoff), recency = T − recency_days
-    (first → last order). The contract has no repeat-only spend, so the Gamma-Gamma monetary value is the
-    average order value (``repeat_spend`` is used instead when a frame carries it).
+    frequency = n_purchase_days − 1 (repeat purchase days, the BG/NBD convention; n_orders − 1 for frames
+    without that column), T = tenure_days (first order → cutoff), recency = T − recency_days (first → last
+    order). The contract has no repeat-only spend, so the Gamma-Gamma monetary value is the average spend per
+    purchase occasion (``repeat_spend`` is used instead when a frame carries it).
     """
-    n = frame["n_orders"].to_numpy(float)
+    n = _purchase_occasions(frame)
     t_cal = frame["tenure_days"].to_numpy(float)
     recency = np.clip(t_cal - frame["recency_days"].to_numpy(float), 0, None)
     x = np.clip(n - 1, 0, None)
     if "repeat_spend" in frame.columns:
         m = np.where(x > 0, frame["repeat_spend"].to_numpy(float) / np.maximum(x, 1), 0.0)
+    elif "n_purchase_days" in frame.columns:
+        m = np.where(x > 0, frame["net_spend"].to_numpy(float) / np.maximum(n, 1), 0.0)
     else:
         m = np.where(x > 0, frame["avg_order_value"].to_numpy(float), 0.0)
     m = np.nan_to_num(m, nan=0.0)
     return pd.DataFrame({"frequency": x, "recency": np.minimum(recency, t_cal), "T": t_cal, "monetary_value": m}, index=frame.index)
+
+
+def _purchase_occasions(frame: pd.DataFrame) -> np.ndarray:
+    """Purchase occasions per customer: distinct purchase days when the frame has them (a source that writes
+    one order per line, like CDNOW, has several orders per customer-day, which would inflate the repeat
+    count BG/NBD and rate extrapolation are calibrated on), else orders."""
+    col = "n_purchase_days" if "n_purchase_days" in frame.columns else "n_orders"
+    return frame[col].to_numpy(float)
 
 
 @dataclass
@@ -278,9 +289,10 @@ def baseline_predictions(frame: pd.DataFrame) -> dict[str, np.ndarray]:
     """All-zero, rate extrapolation and (when the frame carries them) BG/NBD + Gamma-Gamma predictions.
 
     Without a ``repeat_spend`` column the repeat spend is approximated from contract columns as
-    net_spend × (n_orders − 1) / n_orders (the first order valued at the average order).
+    net_spend × (n − 1) / n with n the purchase occasions (n_purchase_days, else n_orders): the first
+    occasion valued at the average one.
     """
-    n = frame["n_orders"].to_numpy(float)
+    n = _purchase_occasions(frame)
     if "repeat_spend" in frame.columns:
         repeat = frame["repeat_spend"].to_numpy(float)
     else:

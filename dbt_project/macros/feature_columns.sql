@@ -5,6 +5,7 @@
     ('recency_days', 'integer'),
     ('tenure_days', 'integer'),
     ('n_orders', 'integer'),
+    ('n_purchase_days', 'integer'),
     ('net_spend', 'numeric'),
     ('gross_spend', 'numeric'),
     ('avg_order_value', 'numeric'),

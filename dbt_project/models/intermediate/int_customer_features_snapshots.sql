@@ -54,6 +54,8 @@ order_summary as (
         min(orders.order_date) filter (where orders.is_purchase) as first_purchase_date,
         max(orders.order_date) filter (where orders.is_purchase) as last_purchase_date,
         count(*) filter (where orders.is_purchase) as n_orders,
+        -- purchase occasions: several orders on one day are one (BG/NBD's frequency counts repeat days)
+        count(distinct orders.order_date) filter (where orders.is_purchase) as n_purchase_days,
         sum(orders.gross_revenue) as gross_spend,
         sum(orders.return_value) as return_value,
         sum(orders.net_revenue) as net_revenue,
@@ -125,6 +127,7 @@ features as (
         (order_summary.feature_cutoff_date - order_summary.last_purchase_date)::integer as recency_days,
         (order_summary.feature_cutoff_date - order_summary.first_purchase_date)::integer as tenure_days,
         order_summary.n_orders::integer as n_orders,
+        order_summary.n_purchase_days::integer as n_purchase_days,
         -- returns of purchases made before the data starts can exceed the purchases seen: floor at 0
         greatest(order_summary.net_revenue, 0)::numeric as net_spend,
         order_summary.gross_spend::numeric as gross_spend,
