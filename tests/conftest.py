@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -44,8 +45,15 @@ def server_settings(tmp_path_factory) -> Settings:
 
 @pytest.fixture
 def warehouse(server_settings: Settings, tmp_path) -> Settings:
-    """A fresh, empty warehouse database with schemas and raw tables, dropped after the test."""
-    settings = server_settings.with_database(f"crm_test_{uuid.uuid4().hex[:10]}")
+    """A fresh, empty warehouse database with schemas and raw tables, dropped after the test.
+
+    Each test also gets its own MLflow store, so registered model versions do not depend on test order.
+    """
+    settings = replace(
+        server_settings.with_database(f"crm_test_{uuid.uuid4().hex[:10]}"),
+        mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        mlflow_artifact_root=tmp_path / "mlartifacts",
+    )
     create_database(settings)
     with connect(settings) as conn:
         init_schemas(conn)

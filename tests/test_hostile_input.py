@@ -26,7 +26,7 @@ from decimal import Decimal
 
 import pandas as pd
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, given, settings, seed
 from hypothesis import strategies as st
 
 from ml.errors import CrmError
@@ -313,6 +313,7 @@ def conn(warehouse):
 
 
 @HYPOTHESIS
+@seed(20261126)  # a fixed seed: the derandomized examples changed with what else pytest had collected
 @given(case=online_retail_file())
 def test_online_retail_hostile_files_load_or_quarantine_every_line(conn, tmp_path, case):
     lines, encoding, gzipped, crlf, corrupt_at = case
