@@ -26,7 +26,7 @@ from decimal import Decimal
 
 import pandas as pd
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings, seed
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from ml.errors import CrmError
@@ -227,7 +227,11 @@ def online_retail_file(draw):
     kinds = [good_line(), good_line(), bad_line(), garbage_line(latin), blank_line]
     if not latin:
         kinds.append(quoted_newline())
-    lines = draw(st.lists(st.one_of(kinds), min_size=1, max_size=25))
+    # Well-formed lines never share an invoice: an order takes its first line's time, so two good lines of
+    # one invoice with different times cannot both be "verbatim" (hypothesis readily draws the same suffix
+    # twice; that collision, not the loader, made this test flaky).
+    lines = draw(st.lists(st.one_of(kinds), min_size=1, max_size=25,
+                          unique_by=lambda line: line.values["invoice"] if line.kind == "good" else id(line)))
     if encoding == "utf-8+corrupt":
         # A line that is surely UTF-8 makes the file UTF-8; lines of invalid bytes are then corrupt.
         lines.append(Line("536365,85123A,CRÈME BRÛLÉE,6,2010-12-01 08:26:00,2.55,17850,France", "good",
@@ -313,7 +317,6 @@ def conn(warehouse):
 
 
 @HYPOTHESIS
-@seed(20261126)  # a fixed seed: the derandomized examples changed with what else pytest had collected
 @given(case=online_retail_file())
 def test_online_retail_hostile_files_load_or_quarantine_every_line(conn, tmp_path, case):
     lines, encoding, gzipped, crlf, corrupt_at = case
