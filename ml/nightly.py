@@ -140,21 +140,28 @@ def _latest_valid_order_date(conn) -> date | None:
 
 def train_baskets(settings: Settings, params: Mapping[str, Any], loaded: Mapping[str, Any], *,
                   orchestrator_run_id: str | None = None) -> dict[str, Any]:
-    """Rules and recommenders: mine, compare, register, decide the champion, publish (ml.train_baskets)."""
-    from ml.train_baskets import train_baskets as train
+    """Rules and recommenders: mine, compare, register, decide the champion, publish (ml.train_baskets);
+    or, when the retrain policy keeps the champion, score with it (``score_baskets``)."""
+    from ml import train_baskets as module
 
-    result = train(
-        settings,
-        as_of=date.fromisoformat(loaded["as_of"]),
-        min_support=float(params["min_support"]),
-        min_confidence=float(params["min_confidence"]),
-        min_lift=float(params["min_lift"]),
-        max_len=int(params["max_len"]),
-        promotion_policy=params["promotion_policy"],
-        orchestrator_run_id=orchestrator_run_id,
-    )
+    as_of = date.fromisoformat(loaded["as_of"])
+    decision = _scorable(retrain_decision(settings, params, loaded, (module.MODEL_NAME,)), module, "score_baskets")
+    if decision.retrain:
+        result = module.train_baskets(
+            settings,
+            as_of=as_of,
+            min_support=float(params["min_support"]),
+            min_confidence=float(params["min_confidence"]),
+            min_lift=float(params["min_lift"]),
+            max_len=int(params["max_len"]),
+            promotion_policy=params["promotion_policy"],
+            orchestrator_run_id=orchestrator_run_id,
+        )
+    else:
+        result = module.score_baskets(settings, as_of=as_of, orchestrator_run_id=orchestrator_run_id)
     return {
         "family": "baskets",
+        **_decision_fields(settings, decision, result.run_id, loaded),
         "mlflow_run_id": result.run_id,
         "model_name": result.model_name,
         "challenger_version": result.model_version,
@@ -246,18 +253,25 @@ def champion_versions(settings: Settings) -> dict[str, str]:
 
 def train_segments(settings: Settings, params: Mapping[str, Any], loaded: Mapping[str, Any], *,
                    orchestrator_run_id: str | None = None) -> dict[str, Any]:
-    """Segmentation: candidates (families × k), champion/challenger, publish (ml.segmentation)."""
-    from ml.segmentation import train_segmentation
+    """Segmentation: candidates (families × k), champion/challenger, publish (ml.segmentation); or, when the
+    retrain policy keeps the champion, assign today's customers with it (``score_segmentation``)."""
+    from ml import segmentation as module
 
-    report = train_segmentation(
-        settings,
-        orchestrator_run_id=orchestrator_run_id,
-        policy=params["promotion_policy"],
-        families=tuple(params["segmentation_families"]),
-        k_range=range(int(params["k_min"]), int(params["k_max"]) + 1),
-    )
+    decision = _scorable(retrain_decision(settings, params, loaded, (module.MODEL_NAME,)), module,
+                         "score_segmentation")
+    if decision.retrain:
+        report = module.train_segmentation(
+            settings,
+            orchestrator_run_id=orchestrator_run_id,
+            policy=params["promotion_policy"],
+            families=tuple(params["segmentation_families"]),
+            k_range=range(int(params["k_min"]), int(params["k_max"]) + 1),
+        )
+    else:
+        report = module.score_segmentation(settings, orchestrator_run_id=orchestrator_run_id)
     return {
         "family": "segmentation",
+        **_decision_fields(settings, decision, report.run_id, loaded),
         "as_of": loaded["as_of"],
         "mlflow_run_id": report.run_id,
         "champion_candidate": report.champion_candidate,
@@ -272,11 +286,19 @@ def train_value(settings: Settings, params: Mapping[str, Any], loaded: Mapping[s
                 orchestrator_run_id: str | None = None) -> dict[str, Any]:
     """CLV and churn: candidates with temporal validation, champion/challenger, publish (ml.value).
     The horizon is the marts' (dbt var ``horizon_days``, set from the run's parameters)."""
-    from ml.value import train_value as train
+    from ml import value as module
 
-    report = train(settings, orchestrator_run_id=orchestrator_run_id, policy=params["promotion_policy"])
+    # Both models come from one training run; either one missing or stale retrains the pair.
+    decision = _scorable(retrain_decision(settings, params, loaded, (module.CLV_MODEL_NAME, module.CHURN_MODEL_NAME)),
+                         module, "score_value")
+    if decision.retrain:
+        report = module.train_value(settings, orchestrator_run_id=orchestrator_run_id,
+                                    policy=params["promotion_policy"])
+    else:
+        report = module.score_value(settings, orchestrator_run_id=orchestrator_run_id)
     return {
         "family": "value",
+        **_decision_fields(settings, decision, report.run_id, loaded),
         "as_of": loaded["as_of"],
         "mlflow_run_id": report.run_id,
         "clv_champion": report.clv_champion,
@@ -286,3 +308,86 @@ def train_value(settings: Settings, params: Mapping[str, Any], loaded: Mapping[s
         "promoted": {"clv": bool(report.clv_promoted), "churn": bool(report.churn_promoted)},
         "published": {"customer_scores": int(report.rows_published)},
     }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Retrain or score (issue 7): the decision is ml.retrain_policy's; here, the facts it needs from the warehouse
+# and from MLflow, and the record of what was done.
+# ---------------------------------------------------------------------------------------------------------
+# Metric logged on every training run by the nightly: the customers it was trained on (the policy compares it).
+N_CUSTOMERS_METRIC = "nightly_n_customers"
+
+
+def current_customers(settings: Settings) -> int:
+    """Customers with a purchase on or before this run's as_of: the population every family models."""
+    from ml.warehouse import connect
+
+    with connect(settings) as conn:
+        return int(conn.execute("select count(*) from marts.customer_features").fetchone()[0])
+
+
+def champion_facts(model_names: tuple[str, ...]):
+    """The champion of a family for the policy: its version, training as_of and customer count.
+
+    A family with several models (value: CLV and churn) has a champion only if every model has one; the
+    facts are the first model's (they were trained in the same run).
+    """
+    from mlflow import MlflowClient
+
+    from ml import registry
+    from ml.retrain_policy import ChampionFacts
+
+    versions = [registry.champion_version(name) for name in model_names]
+    if any(v is None for v in versions):
+        return ChampionFacts(version=None)
+    client = MlflowClient()
+    run = client.get_run(client.get_model_version(model_names[0], versions[0]).run_id)
+    # The model may be logged in a child run: the metric sits on the parent, the as_of tag on both.
+    parent_id = run.data.tags.get("mlflow.parentRunId")
+    parent = client.get_run(parent_id) if parent_id else run
+    as_of = run.data.tags.get(registry.TAG_AS_OF) or parent.data.tags.get(registry.TAG_AS_OF)
+    n = run.data.metrics.get(N_CUSTOMERS_METRIC, parent.data.metrics.get(N_CUSTOMERS_METRIC))
+    return ChampionFacts(
+        version=versions[0],
+        trained_as_of=date.fromisoformat(as_of) if as_of else None,
+        n_customers=int(n) if n is not None else None,
+    )
+
+
+def retrain_decision(settings: Settings, params: Mapping[str, Any], loaded: Mapping[str, Any],
+                     model_names: tuple[str, ...]):
+    """Retrain or score tonight, for the family whose registered models are ``model_names``."""
+    from ml import registry
+    from ml.retrain_policy import decide
+
+    registry.configure(settings)
+    decision = decide(
+        str(params.get("retrain", "auto")),
+        champion_facts(model_names),
+        as_of=date.fromisoformat(loaded["as_of"]),
+        n_customers=current_customers(settings),
+        retrain_every_days=int(params.get("retrain_every_days", 7)),
+    )
+    log.info("%s: %s (%s)", "/".join(model_names), decision.action, decision.reason)
+    return decision
+
+
+def _scorable(decision, module, function: str):
+    """A "score" decision needs the family's score-only function; a checkout without it trains instead
+    (and says so) rather than failing the night."""
+    if decision.retrain or hasattr(module, function):
+        return decision
+    from ml.retrain_policy import Decision
+
+    return Decision(True, f"{decision.reason}; but {module.__name__}.{function} does not exist: retrained")
+
+
+def _decision_fields(settings: Settings, decision, run_id: str | None, loaded: Mapping[str, Any]) -> dict[str, Any]:
+    """The summary's record of the decision; a training run also gets the customer count it was trained on,
+    which tomorrow's decision compares with."""
+    n_customers = current_customers(settings)
+    if decision.retrain and run_id:
+        from mlflow import MlflowClient
+
+        MlflowClient().log_metric(run_id, N_CUSTOMERS_METRIC, float(n_customers))
+    return {"action": decision.action, "action_reason": decision.reason, "n_customers": n_customers}

@@ -23,11 +23,15 @@ from ml.errors import CrmError
 # copy, because importing ml.segmentation pulls scikit-learn into every DAG parse; a test keeps them equal).
 SEGMENTATION_FAMILIES = ("kmeans", "gmm", "ward", "hdbscan", "som")
 PROMOTION_POLICIES = ("auto", "never", "force")
+# Retrain modes of the incremental night (ml/retrain_policy.py decides per family under "auto"; a copy of its
+# RETRAIN_MODES so that parsing the DAG stays free of the ml modules; a test keeps them equal).
+RETRAIN_MODES = ("auto", "always", "never")
 
 # Bounds shared by the form (JSON schema) and the Python validation, so they can never disagree.
 K_BOUNDS = (2, 30)
 MAX_LEN_BOUNDS = (2, 6)
 HORIZON_BOUNDS = (7, 730)
+RETRAIN_EVERY_BOUNDS = (1, 365)
 AS_OF_BOUNDS = (date(1990, 1, 1), date(2100, 12, 31))
 
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -60,6 +64,8 @@ class RunParams:
     max_len: int = 3
     horizon_days: int = 90
     promotion_policy: str = "auto"
+    retrain: str = "auto"
+    retrain_every_days: int = 7
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any] | None) -> RunParams:
@@ -98,6 +104,8 @@ class RunParams:
         take("max_len", lambda v: _parse_int(v, *MAX_LEN_BOUNDS))
         take("horizon_days", lambda v: _parse_int(v, *HORIZON_BOUNDS))
         take("promotion_policy", lambda v: _parse_choice(v, PROMOTION_POLICIES))
+        take("retrain", lambda v: _parse_choice(v, RETRAIN_MODES))
+        take("retrain_every_days", lambda v: _parse_int(v, *RETRAIN_EVERY_BOUNDS))
 
         if values["k_min"] > values["k_max"]:
             problems.append(
@@ -216,6 +224,26 @@ def param_specs() -> dict[str, dict[str, Any]]:
                 "auto: a challenger becomes champion only if it beats the champion on the holdout metric; "
                 "never: log and register but keep the champion; force: promote the new model."
             ),
+        },
+        "retrain": {
+            "default": d.retrain,
+            "type": "string",
+            "enum": list(RETRAIN_MODES),
+            "title": "Retrain models",
+            "description": (
+                "auto: retrain a family when it has no champion, its champion is older than "
+                "retrain_every_days, or the number of customers changed by more than 20 % since it was "
+                "trained; otherwise score today's customers with the champion. always: retrain every "
+                "family. never: score with the champions (a family without one is still trained)."
+            ),
+        },
+        "retrain_every_days": {
+            "default": d.retrain_every_days,
+            "type": "integer",
+            "minimum": RETRAIN_EVERY_BOUNDS[0],
+            "maximum": RETRAIN_EVERY_BOUNDS[1],
+            "title": "Retrain at least every N days",
+            "description": "Under retrain=auto, a champion trained more than this many days before as_of is retrained.",
         },
     }
 
