@@ -10,6 +10,10 @@ fitted on every customer's baskets and scores every customer (top 10, with reaso
 bought) — the nightly ``ml.product_recommendations`` workload — with wall time and peak RSS of this
 process (sampled, ``bench.harness.measure``).
 
+``--synthetic``: skip the warehouse and dbt and draw order lines in memory (``synthetic_lines``: customers
+with a category taste, Zipf item popularity, ~10 lines per customer as the generator's marts have) — for the
+1M scale, where generating and building the marts would dominate the session.
+
 Request latency: the fitted champion recipe (``--latency-model``, default hybrid) is saved as the same
 ``pyfunc`` model ``ml.train_baskets`` registers, loaded with ``mlflow.pyfunc.load_model``, and asked for
 one basket at a time (a real basket of the data, with its customer): p50 / p95 over ``--requests``
@@ -51,6 +55,51 @@ def build_marts(settings, customers: int, seed: int, days: int):
     log(f"  dbt marts in {time.perf_counter() - started:.0f} s")
     lines, products = read_basket_marts(settings, params.resolved_end_date)
     return lines[lines["customer_id"].notna()].reset_index(drop=True), products
+
+
+def synthetic_lines(customers: int, seed: int, n_products: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Order lines drawn in memory, shaped like ``marts.basket_lines`` (vectorised, no per-customer loop)."""
+    rng = np.random.default_rng(seed)
+    n_products = n_products or int(np.clip(20 * np.sqrt(customers), 200, 2000))  # as the generator
+    n_cat = 20
+    category = rng.integers(0, n_cat, n_products)
+    popularity = 1.0 / np.arange(1, n_products + 1) ** 0.9
+    orders_per = 1 + rng.poisson(1.5, customers)
+    order_customer = np.repeat(np.arange(customers), orders_per)
+    lines_per = 1 + rng.poisson(2.5, len(order_customer))
+    line_order = np.repeat(np.arange(len(order_customer)), lines_per)
+    line_customer = order_customer[line_order]
+    # each customer prefers two categories: half of their lines come from them
+    favourite = rng.integers(0, n_cat, (customers, 2))
+    by_cat = [np.flatnonzero(category == c) for c in range(n_cat)]
+    cum = [np.cumsum(popularity[ix]) / popularity[ix].sum() for ix in by_cat]
+    product = rng.choice(n_products, size=len(line_order), p=popularity / popularity.sum())
+    themed = rng.random(len(line_order)) < 0.5
+    cat = favourite[line_customer, rng.integers(0, 2, len(line_order))]
+    for c in range(n_cat):
+        m = themed & (cat == c)
+        product[m] = by_cat[c][np.minimum(np.searchsorted(cum[c], rng.random(m.sum())), len(by_cat[c]) - 1)]
+    day = rng.integers(0, 730, len(order_customer))
+
+    def ids(prefix, values, width):
+        return pd.Series(np.char.add(prefix, np.char.zfill(values.astype(str), width)), dtype="str")
+
+    lines = pd.DataFrame({
+        "basket_id": ids("O", line_order, 8),
+        "customer_id": ids("C", line_customer, 7),
+        "product_id": ids("P", product, 5),
+        "category": ids("cat", category[product], 2),
+        "ordered_at": pd.Timestamp("2024-01-01") + pd.to_timedelta(day[line_order], unit="D"),
+        "quantity": 1,
+    })
+    idx = np.arange(n_products)
+    products = pd.DataFrame({
+        "product_id": ids("P", idx, 5),
+        "product_name": [f"item {i % 97} cat{category[i]:02d} style{i % 13}" for i in idx],
+        "category": ids("cat", category, 2), "subcategory": pd.Series(idx % 50).astype("str"),
+        "brand": ids("brand", idx % 30, 2), "price_band": ids("band", idx % 4, 1),
+    })
+    return lines.drop_duplicates(["basket_id", "product_id"]).reset_index(drop=True), products
 
 
 def bench_models(lines: pd.DataFrame, products: pd.DataFrame, names: list[str], customers: int) -> tuple[list, dict]:
@@ -132,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
     parser.add_argument("--latency-model", default="hybrid", help="the recipe whose pyfunc latency is measured")
     parser.add_argument("--requests", type=int, default=200, help="baskets asked one at a time")
+    parser.add_argument("--synthetic", action="store_true", help="order lines drawn in memory (no warehouse/dbt)")
     args = parser.parse_args(argv)
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = sorted(set(names) - set(MODELS))
@@ -142,8 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     fit_rows, latency_rows = [], []
     for customers in args.customers:
         log(f"{customers:,} customers")
-        with temp_warehouse() as settings:
-            lines, products = build_marts(settings, customers, args.seed, args.days)
+        if args.synthetic:
+            lines, products = synthetic_lines(customers, args.seed)
+        else:
+            with temp_warehouse() as settings:
+                lines, products = build_marts(settings, customers, args.seed, args.days)
         rows, fitted = bench_models(lines, products, names, customers)
         fit_rows += rows
         latency_rows.append(bench_latency(fitted[latency_model], lines, args.requests, customers, latency_model))

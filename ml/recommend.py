@@ -13,7 +13,8 @@ All share one interface (scikit-learn style, learned state ends in ``_``)::
 ``price_band``) and is needed only by the content-based model (and for readable reasons).
 
 Everything is sparse (customer x item CSR, item x item top-k CSR); dense arrays exist only for a
-chunk of customers x items while scoring, sized so a chunk stays around 20M cells.
+chunk of customers x items while scoring, sized so a chunk stays around 4M cells (32 MB as float64):
+scoring every customer is a loop over chunks whose memory does not grow with the number of customers.
 
 Every recommendation carries a ``reason`` a marketer can read: the rule that fired, the bought items
 it is similar to, or "popular item (no history)" for a customer we have never seen. Slots a model
@@ -32,7 +33,8 @@ from ml.baskets import AssociationRules, BasketError, FrequentItemsets
 from ml.errors import CrmError
 
 OUTPUT_COLUMNS = ["customer_id", "rank", "product_id", "score", "method", "reason"]
-_CHUNK_CELLS = 20_000_000
+_CHUNK_CELLS = 4_000_000
+_PREPARED = "crm_prepared_interactions"
 
 
 class RecommenderError(CrmError):
@@ -51,6 +53,8 @@ def prepare_interactions(interactions: pd.DataFrame) -> pd.DataFrame:
     """
     if interactions is None or len(interactions) == 0:
         raise RecommenderError("no interactions to learn from: the order lines are empty")
+    if interactions.attrs.get(_PREPARED):
+        return interactions  # already normalised (a hybrid prepares once for all its components)
     cols = set(interactions.columns)
     basket = "basket_id" if "basket_id" in cols else "order_id" if "order_id" in cols else None
     missing = {"customer_id", "product_id"} - cols
@@ -66,7 +70,9 @@ def prepare_interactions(interactions: pd.DataFrame) -> pd.DataFrame:
     frame = frame.astype({"customer_id": "str", "product_id": "str", "basket_id": "str"})
     if "ordered_at" not in frame.columns:
         frame["ordered_at"] = pd.factorize(frame["basket_id"])[0]
-    return frame.drop_duplicates(["customer_id", "basket_id", "product_id"]).reset_index(drop=True)
+    frame = frame.drop_duplicates(["customer_id", "basket_id", "product_id"]).reset_index(drop=True)
+    frame.attrs[_PREPARED] = True
+    return frame
 
 
 def products_from_interactions(interactions: pd.DataFrame) -> pd.DataFrame | None:
@@ -277,7 +283,42 @@ class BaseRecommender(BaseEstimator):
         # the current basket is the most recent one: rules fire on it
         recent = basket_vec if len(cols) else self.recent_[row]
         rows = np.array([row]) if row >= 0 else None
-        return self._recommend_rows(label, history, recent, rows, n, exclude_purchased=True)[OUTPUT_COLUMNS]
+        return self._recommend_rows(label, history, recent, rows, n, exclude_purchased=True,
+                                    basket_request=len(cols) > 0)[OUTPUT_COLUMNS]
+
+    def recommend_from_lines(self, interactions: pd.DataFrame, customer_ids=None, n: int = 10,
+                             exclude_purchased: bool = True, *, explain: bool = True) -> pd.DataFrame:
+        """Top-``n`` items per customer from *newer* order lines, with the fitted model as it is (no refit).
+
+        The nightly score-only path: the champion's learned state (similarities, rules, pool, blend) is
+        kept, while each customer's history and recent baskets come from ``interactions`` (today's
+        lines), so purchases made since the model was fitted count and are not offered again. Items the
+        model does not know are ignored; customers it has never seen are scored from their lines alone.
+        ``customer_ids`` defaults to every customer in ``interactions``.
+        """
+        self._check_fitted()
+        if n < 1:
+            raise RecommenderError(f"n must be at least 1, got {n}")
+        lines = prepare_interactions(interactions)
+        if customer_ids is None:
+            ids = pd.Index(np.sort(lines["customer_id"].unique()), dtype="str")
+        else:
+            ids = pd.Index(pd.Series(list(customer_ids), dtype="str")).unique()
+        r = ids.get_indexer(lines["customer_id"])
+        c = self.items_.get_indexer(lines["product_id"])
+        keep = (r >= 0) & (c >= 0)
+        shape = (len(ids), len(self.items_))
+        history = sp.csr_matrix((np.ones(keep.sum(), dtype=np.float32), (r[keep], c[keep])), shape=shape)
+        history.sum_duplicates()
+        recent = self._recent_baskets(lines[keep].reset_index(drop=True), r[keep], c[keep], shape)
+        rows = self.customers_.get_indexer(ids)  # -1: a customer the model has not seen
+        chunk = max(1, self._chunk_cells // max(len(self.items_), 1))
+        frames = [self._recommend_rows(ids[s:s + chunk], history[s:s + chunk], recent[s:s + chunk],
+                                       rows[s:s + chunk], n, exclude_purchased, explain)
+                  for s in range(0, len(ids), chunk)]
+        if not frames:
+            return pd.DataFrame(columns=OUTPUT_COLUMNS)
+        return pd.concat(frames, ignore_index=True)[OUTPUT_COLUMNS]
 
     def _memo(self, key, compute):
         """Reuse a chunk's intermediate (neighbours, fired rules) between scoring and explaining."""
@@ -291,9 +332,11 @@ class BaseRecommender(BaseEstimator):
     def _parts(self) -> list[BaseRecommender]:
         return []
 
-    def _recommend_rows(self, ids, history, recent, rows, n, exclude_purchased, explain=True) -> pd.DataFrame:
+    def _recommend_rows(self, ids, history, recent, rows, n, exclude_purchased, explain=True,
+                        basket_request=False) -> pd.DataFrame:
         for model in [self, *self._parts()]:
             model._cache = {}
+        self._cache["basket_request"] = basket_request  # a hybrid blends a request's basket differently
         try:
             return self._rank(ids, history, recent, rows, n, exclude_purchased, explain)
         finally:
@@ -323,7 +366,7 @@ class BaseRecommender(BaseEstimator):
         else:
             reasons = np.full(picks.shape, "", dtype=object)
         if explain and fill.any():
-            reasons[fill] = [f"popular item (bought in {int(self.item_orders_[i]):,} orders)" for i in picks[fill]]
+            reasons[fill] = _popular_reasons(self.item_orders_[picks[fill]], "")
         methods = np.where(fill, "popularity", self.method)
         out = pd.DataFrame({
             "customer_id": np.repeat(np.asarray(ids, dtype=object), n_eff),
@@ -364,15 +407,33 @@ class BaseRecommender(BaseEstimator):
         offsets = np.arange(reps.sum()) - np.repeat(np.cumsum(reps) - reps, reps)
         bought = h.indices[np.repeat(h.indptr[pair_row], reps) + offsets]
         target = pair_item[pair_id]
-        sims = similarity(target, bought) if len(bought) else np.array([])
-        frame = pd.DataFrame({"pair": pair_id, "bought": bought, "sim": sims})
-        frame = frame[frame["sim"] > 0].sort_values(["pair", "sim"], ascending=[True, False])
-        frame = frame[frame.groupby("pair").cumcount() < 2]
-        frame["name"] = self._names(frame["bought"].to_numpy())
-        joined = frame.groupby("pair")["name"].agg(", ".join)
-        out = np.full(len(pair_row), f"recommended by {self.method}", dtype=object)
-        out[joined.index.to_numpy()] = (f"{prefix} " + joined).to_numpy()
+        sims = np.asarray(similarity(target, bought), dtype=np.float64) if len(bought) else np.array([])
+        ok = sims > 0
+        pair_id, bought, sims = pair_id[ok], bought[ok], sims[ok]
+        # best first within each pair: one lexsort, then the position of each entry inside its pair
+        order = np.lexsort((-sims, pair_id))
+        pair_id, bought = pair_id[order], bought[order]
+        new_pair = np.r_[True, pair_id[1:] != pair_id[:-1]] if len(pair_id) else np.zeros(0, dtype=bool)
+        starts = np.flatnonzero(new_pair)
+        pos = np.arange(len(pair_id)) - np.repeat(starts, np.diff(np.r_[starts, len(pair_id)]))
+        first = np.full(len(pair_row), None, dtype=object)
+        second = np.full(len(pair_row), None, dtype=object)
+        first[pair_id[pos == 0]] = self._names(bought[pos == 0])
+        second[pair_id[pos == 1]] = self._names(bought[pos == 1])
+        # vectorised string building (pandas' Arrow-backed str), not one f-string per pick
+        text = (f"{prefix} " + pd.Series(first, dtype="str")
+                + (", " + pd.Series(second, dtype="str")).fillna(""))
+        out = text.fillna(f"recommended by {self.method}").to_numpy(dtype=object)
         return out.reshape(picks.shape)
+
+
+def _popular_reasons(counts: np.ndarray, when: str) -> np.ndarray:
+    """'popular item (bought in 1,234 orders<when>)' for an array of counts, built column-wise."""
+    counts = pd.Series(np.asarray(counts, dtype=np.int64))
+    # a thousands separator for the few distinct counts, mapped back: no per-pick formatting
+    distinct = counts.unique()
+    text = pd.Series([f"{c:,}" for c in distinct], index=distinct, dtype="str")
+    return ("popular item (bought in " + counts.map(text) + f" orders{when})").to_numpy(dtype=object)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -396,8 +457,9 @@ class PopularityRecommender(BaseRecommender):
         if self.window_days is not None:
             end = lines["ordered_at"].max()
             lines = lines[lines["ordered_at"] > end - pd.Timedelta(days=self.window_days)]
-        counts = lines.groupby("product_id")["basket_id"].nunique()
-        self.popularity_ = counts.reindex(self.items_, fill_value=0).to_numpy(dtype=np.float64)
+        # lines are distinct (customer, basket, product): an item's line count is its basket count
+        cols = self.items_.get_indexer(lines["product_id"])
+        self.popularity_ = np.bincount(cols, minlength=len(self.items_)).astype(np.float64)
 
     def _popularity_scores(self):
         return self.popularity_
@@ -407,9 +469,7 @@ class PopularityRecommender(BaseRecommender):
 
     def _reasons(self, history, recent, rows, picks, picked_scores):
         when = f" in the last {self.window_days:g} days" if self.window_days is not None else ""
-        counts = self.popularity_[picks].astype(np.int64)
-        return np.array([f"popular item (bought in {c:,} orders{when})" for c in counts.ravel()],
-                        dtype=object).reshape(picks.shape)
+        return _popular_reasons(self.popularity_[picks].ravel(), when).reshape(picks.shape)
 
 
 class RuleRecommender(BaseRecommender):
@@ -553,15 +613,24 @@ class UserKNNRecommender(BaseRecommender):
 
     Customers are compared on BM25- (or cosine-) weighted purchase vectors; a candidate's score is
     the summed similarity of the neighbours who bought it.
+
+    Neighbours are searched among a bounded pool of at most ``max_pool`` customers (those with the most
+    distinct items; every customer when there are fewer): comparing every customer with every other is
+    quadratic (1M x 1M), while against a fixed pool the search is linear in the customers scored and its
+    memory is one (block x pool) similarity array. The most active customers are the useful neighbours
+    anyway: a neighbour with two items has little to recommend.
     """
 
     method = "user_knn"
+    _block_rows = 512  # customers compared with the pool at once: a (512 x pool) float32 array
 
-    def __init__(self, weighting: str = "bm25", k: int = 50, k1: float = 1.2, b: float = 0.75):
+    def __init__(self, weighting: str = "bm25", k: int = 50, k1: float = 1.2, b: float = 0.75,
+                 max_pool: int = 20_000):
         self.weighting = weighting
         self.k = k
         self.k1 = k1
         self.b = b
+        self.max_pool = max_pool
 
     def _fit_model(self):
         if self.weighting not in ("bm25", "cosine"):
@@ -572,9 +641,18 @@ class UserKNNRecommender(BaseRecommender):
             n = h.shape[0]
             self.idf_ = np.log(n) - np.log1p(np.bincount(coo.col, minlength=h.shape[1]))
             self.avg_len_ = float(np.asarray(h.sum(axis=1)).ravel().mean())
-        self.user_vectors_ = self._weigh(h)
-        self.user_vectors_t_ = sp.csr_matrix(self.user_vectors_.T)
-        self.bought_ = self._binary(h)
+        n_items = np.diff(h.indptr)
+        if h.shape[0] > self.max_pool:
+            # most distinct items first; customer order breaks ties (deterministic)
+            pool = np.sort(np.argsort(-n_items, kind="stable")[:self.max_pool])
+        else:
+            pool = np.arange(h.shape[0])
+        self.pool_ = pool
+        self.pool_vectors_t_ = sp.csr_matrix(self._weigh(h[pool]).T, dtype=np.float32)
+        self.pool_bought_ = sp.csr_matrix(self._binary(h[pool]), dtype=np.float32)
+        # position of a customer in the pool (-1: not in it), to stop a customer being their own neighbour
+        self.pool_position_ = np.full(h.shape[0], -1, dtype=np.int64)
+        self.pool_position_[pool] = np.arange(len(pool))
 
     def _weigh(self, h) -> sp.csr_matrix:
         h = sp.csr_matrix(h, dtype=np.float64)
@@ -590,21 +668,47 @@ class UserKNNRecommender(BaseRecommender):
         return self._memo("neighbours", lambda: self._find_neighbours(history, rows))
 
     def _find_neighbours(self, history, rows) -> sp.csr_matrix:
-        sim = sp.coo_matrix(self._weigh(history) @ self.user_vectors_t_)
-        if rows is not None:  # a customer is not their own neighbour
-            sim.data[sim.col == np.asarray(rows)[sim.row]] = 0.0
-        return top_k_per_row(sp.csr_matrix(sim), self.k)
+        """(customers x pool) sparse matrix of each customer's ``k`` best neighbours (block by block)."""
+        weighted = sp.csr_matrix(self._weigh(history), dtype=np.float32)
+        n_pool = self.pool_vectors_t_.shape[1]
+        k = min(self.k, n_pool)
+        if rows is None:
+            self_pos = np.full(history.shape[0], -1, dtype=np.int64)
+        else:  # rows may hold -1 (a customer the model has not seen): no self to exclude
+            r = np.asarray(rows)
+            self_pos = np.where(r >= 0, self.pool_position_[np.maximum(r, 0)], -1)
+        out_rows, out_cols, out_vals = [], [], []
+        for start in range(0, weighted.shape[0], self._block_rows):
+            block = (weighted[start:start + self._block_rows] @ self.pool_vectors_t_).toarray()
+            n = block.shape[0]
+            own = self_pos[start:start + n]
+            has_own = own >= 0
+            block[np.flatnonzero(has_own), own[has_own]] = 0.0  # a customer is not their own neighbour
+            if k < n_pool:
+                top = np.argpartition(-block, k - 1, axis=1)[:, :k]
+            else:
+                top = np.broadcast_to(np.arange(n_pool), (n, n_pool))
+            vals = np.take_along_axis(block, top, axis=1).ravel()
+            keep = vals > 0
+            out_rows.append(np.repeat(np.arange(start, start + n), top.shape[1])[keep])
+            out_cols.append(top.ravel()[keep])
+            out_vals.append(vals[keep])
+        if not out_rows:
+            return sp.csr_matrix((history.shape[0], n_pool), dtype=np.float32)
+        return sp.csr_matrix((np.concatenate(out_vals), (np.concatenate(out_rows), np.concatenate(out_cols))),
+                             shape=(history.shape[0], n_pool))
 
     def _scores(self, history, recent, rows):
-        return np.asarray((self._neighbours(history, rows) @ self.bought_).todense())
+        return (self._neighbours(history, rows) @ self.pool_bought_).toarray()
 
     def _reasons(self, history, recent, rows, picks, picked_scores):
         nb = self._binary(self._neighbours(history, rows))
-        count = np.asarray((nb @ self.bought_).todense())
-        got = np.take_along_axis(count, picks, axis=1).astype(np.int64)
-        n_nb = np.diff(nb.indptr)[:, None].repeat(picks.shape[1], axis=1)
-        return np.array([f"bought by {g} of the {m} customers with the most similar purchases"
-                         for g, m in zip(got.ravel(), n_nb.ravel(), strict=True)], dtype=object).reshape(picks.shape)
+        count = (nb @ self.pool_bought_).toarray()
+        got = np.take_along_axis(count, picks, axis=1).astype(np.int64).ravel()
+        n_nb = np.repeat(np.diff(nb.indptr), picks.shape[1])
+        text = ("bought by " + pd.Series(got).astype("str") + " of the " + pd.Series(n_nb).astype("str")
+                + " customers with the most similar purchases")
+        return text.to_numpy(dtype=object).reshape(picks.shape)
 
 
 class ContentRecommender(BaseRecommender):
@@ -711,36 +815,49 @@ class HybridRecommender(BaseRecommender):
     components on the rest, and search the blend weights (coordinate ascent over a grid) that
     maximise hit-rate@n on the hidden orders' new items; a second weight set is learned for
     customers with little history (fewer than ``min_history_items`` distinct items), where
-    content-based scores cover what CF cannot. Then the components are refitted on everything.
-    Each component's scores are scaled per customer to a maximum of 1 before blending.
-    The reason of a pick is the reason of the component contributing most to its blended score.
+    content-based scores cover what CF cannot. A third set is learned for *basket requests*
+    ("complete this basket": one item of a hidden basket is removed, the rest is the request, the
+    removed item is the target) and is used whenever a request carries a basket. Then the components
+    are refitted on everything. Each component's scores are scaled per customer to a maximum of 1
+    before blending. The reason of a pick is the reason of the component contributing most to its
+    blended score.
+
+    The validation is bounded whatever the data size: at most ``max_validation_customers`` customers
+    (and baskets) are ranked, and the validation components are fitted on the history of at most
+    ``max_validation_fit_customers`` customers (the validation customers plus a random sample).
     """
 
     method = "hybrid"
-    _chunk_cells = _CHUNK_CELLS // 8  # one dense score block per component is alive at once
+    _chunk_cells = _CHUNK_CELLS // 2  # a few dense score blocks (blend, parts) are alive at once
 
     def __init__(self, components: dict[str, BaseRecommender] | None = None, weights: dict[str, float] | None = None,
                  n: int = 10, min_history_items: int = 5, max_validation_customers: int = 3000,
-                 candidates_per_component: int = 100, random_state: int = 0):
+                 candidates_per_component: int = 100, max_validation_fit_customers: int = 50_000,
+                 random_state: int = 0):
         self.components = components
         self.weights = weights
         self.n = n
         self.min_history_items = min_history_items
         self.max_validation_customers = max_validation_customers
         self.candidates_per_component = candidates_per_component
+        self.max_validation_fit_customers = max_validation_fit_customers
         self.random_state = random_state
 
     def fit(self, interactions, products=None):
         comps = self.components if self.components is not None else default_components()
         self.component_names_ = list(comps)
+        if products is None:
+            products = products_from_interactions(interactions)
+        lines = prepare_interactions(interactions)  # once, shared by every component fit below
         if self.weights is not None:
             self.weights_ = {k: float(self.weights.get(k, 0.0)) for k in comps}
             self.cold_weights_ = dict(self.weights_)
+            self.basket_weights_ = dict(self.weights_)
             self.validation_ = {}
         else:
-            self._learn_weights(comps, interactions, products)
-        self.fitted_components_ = {k: clone(c).fit(interactions, products) for k, c in comps.items()}
-        super().fit(interactions, products)
+            self._learn_weights(comps, lines, products)
+        self.fitted_components_ = {k: clone(c).fit(lines, products) for k, c in comps.items()}
+        super().fit(lines, products)
         return self
 
     def _fit_model(self):
@@ -748,21 +865,38 @@ class HybridRecommender(BaseRecommender):
         self.item_maps_ = {k: c.items_.get_indexer(self.items_) for k, c in self.fitted_components_.items()}
         self.row_maps_ = {k: c.customers_ for k, c in self.fitted_components_.items()}
 
-    def _learn_weights(self, comps, interactions, products):
-        history, targets = holdout_last_order(interactions)
+    def _bounded_history(self, history: pd.DataFrame, keep: pd.Index) -> pd.DataFrame:
+        """The validation history of ``keep`` plus a random sample of other customers, at most
+        ``max_validation_fit_customers`` customers: the validation fit costs the same at 10k and 1M."""
+        customers = pd.Index(history["customer_id"].unique())
+        if len(customers) <= self.max_validation_fit_customers:
+            return history
+        others = customers.difference(keep)
+        room = max(self.max_validation_fit_customers - len(keep), 0)
+        rng = np.random.default_rng(self.random_state)
+        sample = others[np.sort(rng.choice(len(others), size=min(room, len(others)), replace=False))]
+        return history[history["customer_id"].isin(keep.union(sample))]
+
+    def _learn_weights(self, comps, lines, products):
+        history, targets = holdout_last_order(lines)
         if len(targets) == 0 or history.empty:
             self.weights_ = {k: 1.0 for k in comps}
             self.cold_weights_ = dict(self.weights_)
+            self.basket_weights_ = dict(self.weights_)
             self.validation_ = {"n_customers": 0}
             return
         if len(targets) > self.max_validation_customers:
             targets = targets.sample(self.max_validation_customers, random_state=self.random_state)
+        hidden = lines[~lines["basket_id"].isin(pd.unique(history["basket_id"]))]
+        baskets = _completion_baskets(hidden, self.max_validation_customers, self.random_state)
+        history = self._bounded_history(history, pd.Index(targets.index))
         fitted = {k: clone(c).fit(history, products) for k, c in comps.items()}
-        items = fitted[next(iter(fitted))].items_
+        first = fitted[next(iter(fitted))]
+        items = first.items_
         ids = targets.index
         matrices = {k: _candidate_matrix(m, ids, items, self.candidates_per_component) for k, m in fitted.items()}
-        n_items = np.asarray((fitted[next(iter(fitted))].history_ > 0).sum(axis=1)).ravel()
-        rows = fitted[next(iter(fitted))].customers_.get_indexer(ids)
+        n_items = np.asarray((first.history_ > 0).sum(axis=1)).ravel()
+        rows = first.customers_.get_indexer(ids)
         sizes = np.where(rows >= 0, n_items[np.maximum(rows, 0)], 0)
         truth = _truth_matrix(targets, items)
         names = list(comps)
@@ -776,6 +910,32 @@ class HybridRecommender(BaseRecommender):
         self.validation_ = {"n_customers": len(ids), "hit_rate": score, "n_cold": int(cold.sum()),
                             "cold_hit_rate": cold_score,
                             **{f"hit_rate_{k}": _hit_rate(matrices[k], truth, self.n) for k in names}}
+        self._learn_basket_weights(names, fitted, items, baskets)
+
+    def _learn_basket_weights(self, names, fitted, items, baskets):
+        """Blend for "complete this basket": rank each validation basket's hidden item from the rest."""
+        request, truth = _basket_matrices(baskets, items)
+        if request.shape[0] < 30:
+            self.basket_weights_ = dict(self.weights_)
+            self.validation_.update({"n_baskets": int(request.shape[0]), "basket_hit_rate": float("nan")})
+            return
+        matrices = {k: _basket_candidate_matrix(m, request, items, self.candidates_per_component)
+                    for k, m in fitted.items()}
+        self.basket_weights_, score = _search_weights(names, matrices, truth, self.n)
+        self.validation_.update({
+            "n_baskets": int(request.shape[0]), "basket_hit_rate": score,
+            # the next-order blend on the same baskets: what a separate basket blend gains
+            "basket_hit_rate_next_order_weights": _weights_hit_rate(names, matrices, truth, self.n, self.weights_),
+            **{f"basket_hit_rate_{k}": _hit_rate(matrices[k], truth, self.n) for k in names},
+        })
+
+    def _component_rows(self, comp, rows):
+        """The hybrid's customer rows as a component's rows (-1 where a customer is unknown to either)."""
+        if rows is None:
+            return None
+        r = np.asarray(rows)
+        mapped = comp.customers_.get_indexer(self.customers_[np.maximum(r, 0)])
+        return np.where(r >= 0, mapped, -1)
 
     def _blend(self, history, recent, rows, weights_for_row):
         total = np.zeros((history.shape[0], len(self.items_)))
@@ -785,21 +945,21 @@ class HybridRecommender(BaseRecommender):
             if not (w > 0).any():
                 continue  # a component the blend does not use costs nothing
             cols = self.item_maps_[k]
-            sub_rows = None
-            if rows is not None:
-                sub_rows = comp.customers_.get_indexer(self.customers_[rows])
-                sub_rows = sub_rows if (sub_rows >= 0).all() else None
             h = _remap_columns(history, cols, len(comp.items_))
             r = _remap_columns(recent, cols, len(comp.items_))
             s = np.zeros_like(total)
             ok = cols >= 0
-            s[:, ok] = np.maximum(comp._scores(h, r, sub_rows)[:, cols[ok]], 0)
+            s[:, ok] = np.maximum(comp._scores(h, r, self._component_rows(comp, rows))[:, cols[ok]], 0)
             s = _normalise_rows_max(s) * w[:, None]
             parts[k] = s
             total += s
         return total, parts
 
     def _row_weights(self, history):
+        cache = self.__dict__.get("_cache") or {}
+        if cache.get("basket_request"):
+            basket = getattr(self, "basket_weights_", self.weights_)  # models saved before basket blends
+            return lambda k: np.full(history.shape[0], basket.get(k, 0.0))
         n_items = np.diff(sp.csr_matrix(history).indptr)
         cold = n_items < self.min_history_items
         return lambda k: np.where(cold, self.cold_weights_.get(k, 0.0), self.weights_.get(k, 0.0))
@@ -825,16 +985,71 @@ class HybridRecommender(BaseRecommender):
                 continue
             comp = self.fitted_components_[k]
             cols = self.item_maps_[k]
-            sub_rows = None
-            if rows is not None:
-                sub_rows = comp.customers_.get_indexer(self.customers_[rows])
-                sub_rows = sub_rows if (sub_rows >= 0).all() else None
-            h = _remap_columns(history, cols, len(comp.items_))
-            r = _remap_columns(recent, cols, len(comp.items_))
-            comp_picks = np.maximum(cols[picks], 0)
-            reasons = np.asarray(comp._reasons(h, r, sub_rows, comp_picks, picked_scores), dtype=object)
-            out[where] = reasons[where]
+            # only the customers with at least one pick explained by this component
+            sel = np.flatnonzero(where.any(axis=1))
+            h = _remap_columns(sp.csr_matrix(history)[sel], cols, len(comp.items_))
+            r = _remap_columns(sp.csr_matrix(recent)[sel], cols, len(comp.items_))
+            sub_rows = self._component_rows(comp, None if rows is None else np.asarray(rows)[sel])
+            comp_picks = np.maximum(cols[picks[sel]], 0)
+            comp._cache = {}  # a fresh memo: the rows differ from the scoring pass
+            reasons = np.asarray(comp._reasons(h, r, sub_rows, comp_picks, picked_scores[sel]), dtype=object)
+            block = out[sel]
+            block[where[sel]] = reasons[where[sel]]
+            out[sel] = block
         return out
+
+
+def _completion_baskets(hidden: pd.DataFrame, max_baskets: int, random_state: int) -> pd.DataFrame:
+    """Validation baskets for "complete this basket": up to ``max_baskets`` hidden baskets of two or more
+    items, each with one item marked ``is_target`` (chosen at random, reproducibly)."""
+    sizes = hidden.groupby("basket_id")["product_id"].transform("size")
+    lines = hidden.loc[sizes >= 2, ["basket_id", "product_id"]]
+    ids = pd.unique(lines["basket_id"])
+    rng = np.random.default_rng(random_state)
+    if len(ids) > max_baskets:
+        ids = ids[np.sort(rng.choice(len(ids), size=max_baskets, replace=False))]
+    lines = lines[lines["basket_id"].isin(ids)].reset_index(drop=True)
+    key = rng.random(len(lines))
+    order = np.lexsort((key, lines["basket_id"].to_numpy()))
+    sorted_ids = lines["basket_id"].to_numpy()[order]
+    first = np.zeros(len(lines), dtype=bool)
+    if len(order):
+        first[order[np.r_[True, sorted_ids[1:] != sorted_ids[:-1]]]] = True  # one random item per basket
+    return lines.assign(is_target=first)
+
+
+def _basket_matrices(baskets: pd.DataFrame, items: pd.Index) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """(request, truth): the visible items of each validation basket, and its hidden item, over ``items``.
+    Baskets whose hidden item or whole remainder is outside ``items`` are dropped."""
+    cols = items.get_indexer(baskets["product_id"])
+    codes, _ = pd.factorize(baskets["basket_id"])
+    target = baskets["is_target"].to_numpy()
+    n = int(codes.max()) + 1 if len(codes) else 0
+    known = cols >= 0
+    visible = np.bincount(codes[known & ~target], minlength=n)
+    has_target = np.bincount(codes[known & target], minlength=n)
+    usable = (visible > 0) & (has_target > 0)
+    new_row = np.cumsum(usable) - 1
+    m = known & usable[codes]
+    shape = (int(usable.sum()), len(items))
+    request = sp.csr_matrix((np.ones((m & ~target).sum()), (new_row[codes[m & ~target]], cols[m & ~target])),
+                            shape=shape)
+    truth = sp.csr_matrix((np.ones((m & target).sum()), (new_row[codes[m & target]], cols[m & target])), shape=shape)
+    request.data[:] = 1.0
+    return request, truth
+
+
+def _basket_candidate_matrix(model: BaseRecommender, request: sp.csr_matrix, items: pd.Index,
+                             per_row: int) -> sp.csr_matrix:
+    """A component's top candidates for anonymous basket requests (the basket is history and recent basket)."""
+    cols = model.items_.get_indexer(items)
+    req = _remap_columns(request, cols, len(model.items_))
+    ids = pd.Index(np.arange(request.shape[0]).astype(str))
+    chunk = max(1, model._chunk_cells // max(len(model.items_), 1))
+    recs = pd.concat([model._recommend_rows(ids[s:s + chunk], req[s:s + chunk], req[s:s + chunk], None, per_row,
+                                            True, explain=False, basket_request=True)
+                      for s in range(0, request.shape[0], chunk)], ignore_index=True)
+    return _scaled_candidates(recs, model.method, ids, items)
 
 
 def _remap_columns(m, cols, n_cols) -> sp.csr_matrix:
@@ -848,7 +1063,11 @@ def _remap_columns(m, cols, n_cols) -> sp.csr_matrix:
 def _candidate_matrix(model: BaseRecommender, ids, items, per_row: int) -> sp.csr_matrix:
     """A component's top candidates per customer as a sparse (customers x items) matrix, max-scaled."""
     recs = model.recommend(ids, n=per_row, exclude_purchased=True, explain=False)
-    recs = recs[recs["method"] == model.method]  # popularity fill is not this component's opinion
+    return _scaled_candidates(recs, model.method, ids, items)
+
+
+def _scaled_candidates(recs: pd.DataFrame, method: str, ids: pd.Index, items: pd.Index) -> sp.csr_matrix:
+    recs = recs[recs["method"] == method]  # popularity fill is not this component's opinion
     score = recs["score"].to_numpy(dtype=np.float64)
     top = recs.groupby("customer_id")["score"].transform("max").to_numpy()
     score = np.divide(score, top, out=np.zeros_like(score), where=top > 0)
@@ -895,8 +1114,8 @@ def _candidate_table(names, matrices, truth):
     return values, present, is_target
 
 
-def _search_weights(names, matrices, truth, n, grid=(0.0, 0.1, 0.25, 0.5, 1.0, 2.0), rounds=3):
-    """Coordinate ascent on the blend weights, maximising validation hit-rate@n."""
+def _blend_scorer(names, matrices, truth, n):
+    """hit-rate@n of a weight dict on the validation candidates (one weighted sum + argpartition)."""
     values, present, is_target = _candidate_table(names, matrices, truth)
     n_eff = min(n, values.shape[2])
 
@@ -907,6 +1126,16 @@ def _search_weights(names, matrices, truth, n, grid=(0.0, 0.1, 0.25, 0.5, 1.0, 2
         ok = np.take_along_axis(present & (blend > 0), top, axis=1)
         return float((np.take_along_axis(is_target, top, axis=1) & ok).any(axis=1).mean())
 
+    return score
+
+
+def _weights_hit_rate(names, matrices, truth, n, weights) -> float:
+    return _blend_scorer(names, matrices, truth, n)({k: weights.get(k, 0.0) for k in names})
+
+
+def _search_weights(names, matrices, truth, n, grid=(0.0, 0.1, 0.25, 0.5, 1.0, 2.0), rounds=3):
+    """Coordinate ascent on the blend weights, maximising validation hit-rate@n."""
+    score = _blend_scorer(names, matrices, truth, n)
     weights = {k: 1.0 for k in names}
     best = score(weights)
     for _ in range(rounds):
