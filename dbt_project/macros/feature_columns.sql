@@ -30,3 +30,22 @@
         {{ relation_alias }}.{{ name }}::{{ type }} as {{ name }}{{ "," if not loop.last }}
 {%- endfor %}
 {%- endmacro %}
+
+
+{#- Behaviour features, appended after the original columns of every feature mart (the contract keeps
+    existing column positions). One list, like feature_columns(). -#}
+{% macro behaviour_feature_columns() -%}
+{{ return([
+    ('discount_line_share', 'double precision'),
+    ('avg_price_index', 'double precision'),
+    ('q4_spend_share', 'double precision'),
+    ('avg_units_per_line', 'double precision'),
+]) }}
+{%- endmacro %}
+
+
+{% macro select_behaviour_feature_columns(relation_alias) -%}
+{%- for name, type in behaviour_feature_columns() %}
+        {{ relation_alias }}.{{ name }}::{{ type }} as {{ name }}{{ "," if not loop.last }}
+{%- endfor %}
+{%- endmacro %}

@@ -1,5 +1,7 @@
--- Point-in-time correctness: recompute the order-based features of every feature set from fct_orders
--- restricted to the set's cut-off. Any difference means a feature read data from after its cut-off.
+-- Point-in-time correctness: recompute the order-based features of every feature set from fct_orders, and
+-- the line-based behaviour features from fct_order_lines, restricted to the set's cut-off (per customer and
+-- cut-off, not per snapshot as the model does). Any difference means a feature read data from after its
+-- cut-off.
 with
 
 orders as (
@@ -7,14 +9,23 @@ orders as (
     where customer_id is not null
 ),
 
+purchase_lines as (
+    select * from {{ ref('fct_order_lines') }}
+    where quantity > 0
+      and not is_cancelled
+),
+
 feature_rows as (
-    select customer_id, feature_cutoff_date, n_orders, gross_spend, recency_days, tenure_days
+    select customer_id, feature_cutoff_date, n_orders, gross_spend, recency_days, tenure_days,
+        discount_line_share, avg_price_index, q4_spend_share, avg_units_per_line
     from {{ ref('clv_training_set') }}
     union all
-    select customer_id, feature_cutoff_date, n_orders, gross_spend, recency_days, tenure_days
+    select customer_id, feature_cutoff_date, n_orders, gross_spend, recency_days, tenure_days,
+        discount_line_share, avg_price_index, q4_spend_share, avg_units_per_line
     from {{ ref('clv_scoring_set') }}
     union all
-    select customer_id, as_of_date, n_orders, gross_spend, recency_days, tenure_days
+    select customer_id, as_of_date, n_orders, gross_spend, recency_days, tenure_days,
+        discount_line_share, avg_price_index, q4_spend_share, avg_units_per_line
     from {{ ref('customer_features') }}
 ),
 
@@ -40,6 +51,47 @@ recomputed as (
     group by
         cutoffs.customer_id,
         cutoffs.feature_cutoff_date
+),
+
+cutoff_dates as (
+    select distinct feature_cutoff_date
+    from cutoffs
+),
+
+category_prices as (
+    select
+        cutoff_dates.feature_cutoff_date,
+        purchase_lines.category,
+        percentile_cont(0.5) within group (order by purchase_lines.unit_price) as median_unit_price
+    from cutoff_dates
+    inner join purchase_lines
+        on purchase_lines.order_date <= cutoff_dates.feature_cutoff_date
+    where purchase_lines.unit_price > 0
+    group by
+        cutoff_dates.feature_cutoff_date,
+        purchase_lines.category
+),
+
+recomputed_lines as (
+    select
+        cutoffs.customer_id,
+        cutoffs.feature_cutoff_date,
+        avg(case when purchase_lines.discount > 0 then 1.0 else 0.0 end) as discount_line_share,
+        avg(purchase_lines.unit_price / nullif(category_prices.median_unit_price, 0))
+            filter (where purchase_lines.unit_price > 0) as avg_price_index,
+        coalesce(sum(purchase_lines.line_revenue) filter (where extract(month from purchase_lines.order_date) >= 11), 0)
+            / nullif(sum(purchase_lines.line_revenue), 0) as q4_spend_share,
+        avg(purchase_lines.quantity) as avg_units_per_line
+    from cutoffs
+    inner join purchase_lines
+        on cutoffs.customer_id = purchase_lines.customer_id
+        and purchase_lines.order_date <= cutoffs.feature_cutoff_date
+    left join category_prices
+        on cutoffs.feature_cutoff_date = category_prices.feature_cutoff_date
+        and purchase_lines.category = category_prices.category
+    group by
+        cutoffs.customer_id,
+        cutoffs.feature_cutoff_date
 )
 
 select
@@ -51,8 +103,21 @@ from feature_rows
 inner join recomputed
     on feature_rows.customer_id = recomputed.customer_id
     and feature_rows.feature_cutoff_date = recomputed.feature_cutoff_date
+left join recomputed_lines
+    on feature_rows.customer_id = recomputed_lines.customer_id
+    and feature_rows.feature_cutoff_date = recomputed_lines.feature_cutoff_date
 where feature_rows.n_orders <> recomputed.n_orders
    or feature_rows.gross_spend <> recomputed.gross_spend
    or feature_rows.recency_days is distinct from recomputed.recency_days
    or feature_rows.tenure_days is distinct from recomputed.tenure_days
    or feature_rows.recency_days < 0
+   -- floating-point features: equal up to rounding (the model divides in double precision)
+   or (feature_rows.discount_line_share is null) <> (recomputed_lines.discount_line_share is null)
+   or abs(feature_rows.discount_line_share - recomputed_lines.discount_line_share::double precision) > 1e-9
+   or (feature_rows.avg_price_index is null) <> (recomputed_lines.avg_price_index is null)
+   or abs(feature_rows.avg_price_index - recomputed_lines.avg_price_index::double precision) > 1e-9
+   or (feature_rows.q4_spend_share is null) <> (recomputed_lines.q4_spend_share is null)
+   or abs(feature_rows.q4_spend_share - recomputed_lines.q4_spend_share::double precision) > 1e-9
+   or (feature_rows.avg_units_per_line is null) <> (recomputed_lines.avg_units_per_line is null)
+   or abs(feature_rows.avg_units_per_line - recomputed_lines.avg_units_per_line::double precision) > 1e-9
+

@@ -15,7 +15,6 @@ orders as (
 
 order_lines as (
     select * from {{ ref('fct_order_lines') }}
-    where customer_id is not null
 ),
 
 web_events as (
@@ -70,13 +69,20 @@ order_summary as (
     having count(*) filter (where orders.is_purchase) > 0
 ),
 
+-- every purchase line (sold, not cancelled) up to each cut-off, of known and unknown customers alike: the
+-- category price medians below are over all valid lines, the customer summaries drop the unknown ones
 purchase_lines as (
     select
         cutoffs.snapshot,
         order_lines.customer_id,
         order_lines.product_id,
         order_lines.category,
+        order_lines.quantity,
+        order_lines.unit_price,
+        order_lines.discount,
         order_lines.line_amount,
+        order_lines.line_revenue,
+        extract(month from order_lines.order_date) in (11, 12) as is_q4,
         feature_categories.rank as category_rank
     from cutoffs
     inner join order_lines
@@ -87,20 +93,45 @@ purchase_lines as (
       and not order_lines.is_cancelled
 ),
 
-line_summary as (
+-- the typical price of a category at each cut-off, the yardstick of avg_price_index (premium vs bargain
+-- buyers of the same category); computed per cut-off so that later prices never leak into a snapshot
+category_prices as (
     select
         snapshot,
-        customer_id,
-        count(distinct product_id) as n_distinct_products,
-        count(distinct category) as n_distinct_categories,
-        sum(line_amount) as purchase_amount,
-        {%- for k in range(1, 9) %}
-        coalesce(sum(line_amount) filter (where category_rank = {{ k }}), 0) as category_spend_{{ k }}{{ "," if not loop.last }}
-        {%- endfor %}
+        category,
+        percentile_cont(0.5) within group (order by unit_price) as median_unit_price
     from purchase_lines
+    where unit_price > 0
     group by
         snapshot,
-        customer_id
+        category
+),
+
+line_summary as (
+    select
+        purchase_lines.snapshot,
+        purchase_lines.customer_id,
+        count(distinct purchase_lines.product_id) as n_distinct_products,
+        count(distinct purchase_lines.category) as n_distinct_categories,
+        sum(purchase_lines.line_amount) as purchase_amount,
+        {%- for k in range(1, 9) %}
+        coalesce(sum(purchase_lines.line_amount) filter (where purchase_lines.category_rank = {{ k }}), 0) as category_spend_{{ k }},
+        {%- endfor %}
+        count(*) as n_purchase_lines,
+        count(*) filter (where purchase_lines.discount > 0) as n_discount_lines,
+        avg(purchase_lines.unit_price::double precision / nullif(category_prices.median_unit_price, 0))
+            filter (where purchase_lines.unit_price > 0) as avg_price_index,
+        sum(purchase_lines.line_revenue) as purchase_revenue,
+        sum(purchase_lines.line_revenue) filter (where purchase_lines.is_q4) as q4_purchase_revenue,
+        avg(purchase_lines.quantity) as avg_units_per_line
+    from purchase_lines
+    left join category_prices
+        on purchase_lines.snapshot = category_prices.snapshot
+        and purchase_lines.category = category_prices.category
+    where purchase_lines.customer_id is not null
+    group by
+        purchase_lines.snapshot,
+        purchase_lines.customer_id
 ),
 
 web_summary as (
@@ -152,7 +183,15 @@ features as (
         )::double precision as category_share_{{ k }},
         {%- endfor %}
         extract(year from age(order_summary.feature_cutoff_date, customers.birth_date))::integer as age_years,
-        greatest(order_summary.net_revenue, 0) <> order_summary.net_revenue as has_excess_returns
+        greatest(order_summary.net_revenue, 0) <> order_summary.net_revenue as has_excess_returns,
+        -- behaviour: what separates bargain hunters, premium buyers and seasonal gift buyers (RFM does not)
+        (line_summary.n_discount_lines::double precision / nullif(line_summary.n_purchase_lines, 0))
+            as discount_line_share,
+        line_summary.avg_price_index::double precision as avg_price_index,
+        -- purchase lines' line_revenue is ≥ 0 (cancelled and wholly returned orders count 0), so this is in [0, 1]
+        (coalesce(line_summary.q4_purchase_revenue, 0)::double precision
+            / nullif(line_summary.purchase_revenue, 0)) as q4_spend_share,
+        line_summary.avg_units_per_line::double precision as avg_units_per_line
     from order_summary
     left join line_summary
         on order_summary.snapshot = line_summary.snapshot

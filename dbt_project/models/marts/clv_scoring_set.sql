@@ -15,7 +15,8 @@ final as (
         features.customer_id::text as customer_id,
         features.feature_cutoff_date::date as feature_cutoff_date,
         as_of.horizon_days::integer as horizon_days,
-        {{ select_feature_columns('features') }}
+        {{ select_feature_columns('features') }},
+        {{ select_behaviour_feature_columns('features') }}
     from features
     cross join as_of
 )

@@ -42,7 +42,8 @@ final as (
         as_of.horizon_days::integer as horizon_days,
         {{ select_feature_columns('features') }},
         labels.future_spend::numeric as future_spend,
-        labels.has_future_purchase::boolean as has_future_purchase
+        labels.has_future_purchase::boolean as has_future_purchase,
+        {{ select_behaviour_feature_columns('features') }}
     from features
     cross join as_of
     inner join labels

@@ -17,7 +17,8 @@ final as (
         {{ select_feature_columns('features') }},
         coalesce(customers.gender, 'U')::text as gender,
         customers.country::text as country,
-        customers.acquisition_channel::text as acquisition_channel
+        customers.acquisition_channel::text as acquisition_channel,
+        {{ select_behaviour_feature_columns('features') }}
     from features
     left join customers
         on features.customer_id = customers.customer_id
