@@ -42,6 +42,7 @@ def _measure(step: str):
 
 
 def run(customers: int, days: int, seed: int, web_events: bool, keep: bool) -> list[StepResult]:
+    (PROJECT_ROOT / ".state").mkdir(exist_ok=True)  # a fresh checkout has no state folder yet
     state = Path(tempfile.mkdtemp(prefix="bench-ingest-", dir=PROJECT_ROOT / ".state"))
     settings = Settings.from_env({"CRM_STATE_DIR": str(state), "CRM_PG_PORT": str(_free_port())})
     results: list[StepResult] = []

@@ -294,6 +294,7 @@ class _World:
     seg_taste: np.ndarray  # (S, K) mean category taste per segment
     cum_intensity: np.ndarray  # (S, days + 1) cumulative seasonal intensity, mean daily intensity 1
     intensity: np.ndarray  # (S, days)
+    intensity_norm: np.ndarray  # (S, 1) the window's mean raw intensity (divides appended days' too)
     start_ts: int  # epoch seconds of start_date 00:00
     end_ts: int  # epoch seconds of end_date + 1 day (exclusive)
     # catalog, sorted by category
@@ -309,6 +310,18 @@ class _World:
     bundle_of_first: np.ndarray  # (P) bundle whose first item the product is, or -1
 
 
+def _seasonal_intensity(segments, start: date, day_index: np.ndarray) -> np.ndarray:
+    """(S, days) un-normalised purchase intensity: weekday × yearly seasonality with a December peak and a
+    Black-Friday bump. ``day_index`` counts from ``start`` and may run past the window (appended days)."""
+    dates = np.datetime64(start.isoformat(), "D") + day_index
+    weekday = (dates.astype(np.int64) + 3) % 7  # 1970-01-01 was a Thursday → Monday = 0
+    doy = (dates - dates.astype("datetime64[Y]")).astype(np.int64)  # 0-based day of year
+    yearly = 1 + 0.12 * np.cos(2 * np.pi * (doy - 200) / 365.25)  # summer a little busier than late winter
+    december = 0.9 * np.exp(-0.5 * ((doy - 345) / 9.0) ** 2) + 0.5 * np.exp(-0.5 * ((doy - 331) / 2.5) ** 2)
+    boost = np.array([s.december_boost for s in segments])[:, None]
+    return WEEKDAY_FACTORS[weekday][None, :] * (yearly[None, :] + boost * december[None, :])
+
+
 def _build_world(params: GeneratorParams, rng: np.random.Generator) -> _World:
     segments = SEGMENTS[: params.n_segments]
     share = np.array([s.share for s in segments])
@@ -317,16 +330,11 @@ def _build_world(params: GeneratorParams, rng: np.random.Generator) -> _World:
     cats = CATEGORIES[:K]
     seg_taste = rng.dirichlet(np.full(K, 0.7), size=len(segments))
 
-    # Calendar: weekday × yearly seasonality with a December peak and a Black-Friday bump.
-    days = np.arange(params.days)
-    dates = np.datetime64(params.start_date.isoformat(), "D") + days
-    weekday = (dates.astype(np.int64) + 3) % 7  # 1970-01-01 was a Thursday → Monday = 0
-    doy = (dates - dates.astype("datetime64[Y]")).astype(np.int64)  # 0-based day of year
-    yearly = 1 + 0.12 * np.cos(2 * np.pi * (doy - 200) / 365.25)  # summer a little busier than late winter
-    december = 0.9 * np.exp(-0.5 * ((doy - 345) / 9.0) ** 2) + 0.5 * np.exp(-0.5 * ((doy - 331) / 2.5) ** 2)
-    boost = np.array([s.december_boost for s in segments])[:, None]
-    intensity = WEEKDAY_FACTORS[weekday][None, :] * (yearly[None, :] + boost * december[None, :])
-    intensity = intensity / intensity.mean(axis=1, keepdims=True)
+    # Calendar: weekday × yearly seasonality, normalised to a mean daily intensity of 1 over the window
+    # (appended days keep the window's normaliser, so their intensity continues the same curve).
+    raw_intensity = _seasonal_intensity(segments, params.start_date, np.arange(params.days))
+    intensity_norm = raw_intensity.mean(axis=1, keepdims=True)
+    intensity = raw_intensity / intensity_norm
     cum = np.concatenate([np.zeros((len(segments), 1)), np.cumsum(intensity, axis=1)], axis=1)
 
     # Catalog: category sizes ∝ Dirichlet, Zipf popularity over the whole catalog.
@@ -397,11 +405,36 @@ def _build_world(params: GeneratorParams, rng: np.random.Generator) -> _World:
     start_ts = _epoch(params.start_date)
     return _World(
         segments=segments, seg_share=share, seg_taste=seg_taste, cum_intensity=cum, intensity=intensity,
+        intensity_norm=intensity_norm,
         start_ts=start_ts, end_ts=_epoch(params.resolved_end_date) + SECONDS_PER_DAY,
         product_ids=product_ids, product_category=category, product_price=price, cat_start=cat_start,
         choice_cum=choice_cum, cat_mean_price=cat_mean_price, products_table=products_table,
         bundles=bundles, bundle_add_prob=add_prob, bundle_of_first=bundle_of_first,
     )
+
+
+@dataclass
+class _Cohort:
+    """Customers drawn together (one chunk, or one appended day's signups): per-customer arrays."""
+
+    n: int
+    seg: np.ndarray = None
+    lam: np.ndarray = None  # purchases per day while alive
+    dropout: np.ndarray = None  # p: chance to drop out after each purchase
+    basket_extra: np.ndarray = None
+    qty_extra: np.ndarray = None
+    taste: np.ndarray = None  # (n, K)
+    pre_existing: np.ndarray = None
+    signup_day: np.ndarray = None  # day index from start_date (negative: signed up before the window)
+    signup_sec: np.ndarray = None
+    start_day: np.ndarray = None
+    w_start: np.ndarray = None
+    w_end: np.ndarray = None
+    n_events: np.ndarray = None
+    dies_at: np.ndarray = None
+    total: np.ndarray = None  # purchases in the window, the first at signup included
+    alive: np.ndarray = None  # alive at the end of the window
+    keep: np.ndarray = None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -444,12 +477,18 @@ class _Generation:
     def _add_time(self, key: str, started: float) -> None:
         self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - started
 
+    def _set_world(self) -> _World:
+        seeds = np.random.SeedSequence(self.params.seed).spawn(1)
+        self.world = _build_world(self.params, np.random.default_rng(seeds[0]))
+        # Per-segment attributes as arrays, indexed by each customer's segment.
+        self.seg_attr = {f.name: np.array([getattr(s, f.name) for s in self.world.segments])
+                         for f in fields(Segment) if f.name != "name"}
+        return self.world
+
     def run(self) -> None:
         params = self.params
         started = time.perf_counter()
-        seeds = np.random.SeedSequence(params.seed).spawn(1)
-        world = _build_world(params, np.random.default_rng(seeds[0]))
-        self.world = world
+        world = self._set_world()
         self._add_time("generate", started)
         n_chunks = -(-params.customers // CHUNK_CUSTOMERS)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="crm-copy") as executor:
@@ -481,59 +520,92 @@ class _Generation:
     # -- one chunk of customers ----------------------------------------------------------------------------
     def _chunk(self, rng: np.random.Generator, first: int, n: int) -> list[tuple[str, pa.Table, bool]]:
         p, w = self.params, self.world
-        S = len(w.segments)
-        days = p.days
+        # The draws below happen in a fixed order on the chunk's RNG; the continuation (run_day) replays
+        # the first two to recover every customer's state at the end of the window.
+        c = self._draw_traits(rng, n)
+        self._draw_window_timing(rng, c)
+        order_cust, order_ts = self._window_purchases(rng, c)
+        customer_ids = _ids("C", first + 1 + np.arange(n), self._id_width("C"))
+        orders, lines, order_channel, line_order, line_product = self._orders_and_lines(
+            rng, c, order_cust, order_ts, customer_ids, w.end_ts)
 
-        # Customers: segment, BTYD parameters, spend, taste.
-        seg = rng.choice(S, size=n, p=w.seg_share)
-        seg_attr = {f.name: np.array([getattr(s, f.name) for s in w.segments]) for f in fields(Segment)
-                    if f.name != "name"}
-        shape = seg_attr["rate_shape"][seg]
-        lam = rng.gamma(shape, seg_attr["orders_per_year"][seg] / 365.0 / shape)  # purchases per day
+        customers, is_test = self._customers(rng, n, customer_ids, c.seg, c.signup_day, c.signup_sec)
+        jobs = [("raw.customers", customers, True), ("raw.orders", orders, True), ("raw.order_lines", lines, True)]
+        if p.web_events:
+            web_share = (p.web_customer_share * self.seg_attr["web_affinity"][c.seg]).clip(0, 1)
+            tracked = rng.random(n) < web_share
+            jobs.append(("raw.web_events", self._web_events(
+                rng, tracked, customer_ids, c.seg, c.taste, c.start_day, order_cust, order_ts, order_channel,
+                line_order, line_product), True))
+        jobs.append(("audit.planted_customers", self._planted(c, customer_ids, c.alive), False))
+        self.segment_counts += np.bincount(c.seg, minlength=len(w.segments))
+        self.alive_counts += np.bincount(c.seg[c.alive], minlength=len(w.segments))
+        self._count("test_account_customers", int(is_test.sum()))
+        return jobs
+
+    def _draw_traits(self, rng: np.random.Generator, n: int) -> _Cohort:
+        """Segment, BTYD parameters, spend and category taste of ``n`` customers."""
+        w, a = self.world, self.seg_attr
+        c = _Cohort(n=n)
+        c.seg = seg = rng.choice(len(w.segments), size=n, p=w.seg_share)
+        shape = a["rate_shape"][seg]
+        c.lam = rng.gamma(shape, a["orders_per_year"][seg] / 365.0 / shape)  # purchases per day
         kappa = 12.0
-        p_mean = seg_attr["dropout_mean"][seg]
-        dropout = rng.beta(p_mean * kappa, (1 - p_mean) * kappa).clip(1e-4, 0.999)
+        p_mean = a["dropout_mean"][seg]
+        c.dropout = rng.beta(p_mean * kappa, (1 - p_mean) * kappa).clip(1e-4, 0.999)
         spend = rng.lognormal(-0.5 * 0.35**2, 0.35, n)
-        basket_extra = (seg_attr["basket_mean"][seg] - 1) * np.sqrt(spend)
-        qty_extra = (seg_attr["quantity_mean"][seg] - 1) * spend
-        taste = rng.gamma(seg_attr["taste_concentration"][seg][:, None] * w.seg_taste[seg] + 1e-3)
-        taste /= taste.sum(axis=1, keepdims=True)
+        c.basket_extra = (a["basket_mean"][seg] - 1) * np.sqrt(spend)
+        c.qty_extra = (a["quantity_mean"][seg] - 1) * spend
+        taste = rng.gamma(a["taste_concentration"][seg][:, None] * w.seg_taste[seg] + 1e-3)
+        c.taste = taste / taste.sum(axis=1, keepdims=True)
+        return c
 
-        pre_existing = rng.random(n) < p.pre_existing_share
-        signup_day = np.where(pre_existing, -rng.integers(1, 1500, n), rng.integers(0, days, n))
-        signup_sec = _time_of_day(rng.random(n)).clip(0, 23 * 3600)
-        start_day = np.maximum(signup_day, 0)
-        frac = np.where(pre_existing, 0.0, signup_sec / SECONDS_PER_DAY)
-        w_start = w.cum_intensity[seg, start_day] + frac * w.intensity[seg, np.minimum(start_day, days - 1)]
-        w_end = w.cum_intensity[seg, days]
-
-        # BG/NBD: Poisson purchases while alive; geometric drop-out (counted in purchases) after each one.
-        n_events = rng.poisson(lam * (w_end - w_start))
-        dies_at = rng.geometric(dropout)  # the purchase after which the customer drops out
+    def _draw_window_timing(self, rng: np.random.Generator, c: _Cohort) -> None:
+        """Signup, purchases in the window and drop-out: Poisson while alive, geometric drop-out (BG/NBD)."""
+        p, w, n = self.params, self.world, c.n
+        days = p.days
+        c.pre_existing = pre_existing = rng.random(n) < p.pre_existing_share
+        c.signup_day = np.where(pre_existing, -rng.integers(1, 1500, n), rng.integers(0, days, n))
+        c.signup_sec = _time_of_day(rng.random(n)).clip(0, 23 * 3600)
+        c.start_day = start_day = np.maximum(c.signup_day, 0)
+        frac = np.where(pre_existing, 0.0, c.signup_sec / SECONDS_PER_DAY)
+        c.w_start = w.cum_intensity[c.seg, start_day] + frac * w.intensity[c.seg, np.minimum(start_day, days - 1)]
+        c.w_end = w.cum_intensity[c.seg, days]
+        c.n_events = rng.poisson(c.lam * (c.w_end - c.w_start))
+        c.dies_at = rng.geometric(c.dropout)  # the purchase after which the customer drops out
         forced = (~pre_existing).astype(np.int64)  # new customers' first order is at signup
-        total = np.minimum(dies_at, forced + n_events)
-        alive = dies_at > forced + n_events
-        keep = total - forced  # repeat purchases kept, the earliest ones
+        c.total = np.minimum(c.dies_at, forced + c.n_events)
+        c.alive = c.dies_at > forced + c.n_events
+        c.keep = c.total - forced  # repeat purchases kept, the earliest ones
 
-        cust_of_event = np.repeat(np.arange(n), n_events)
+    def _window_purchases(self, rng: np.random.Generator, c: _Cohort) -> tuple[np.ndarray, np.ndarray]:
+        """Every purchase of the window as (customer, epoch seconds), ordered by customer then time."""
+        w = self.world
+        cust_of_event = np.repeat(np.arange(c.n), c.n_events)
         u = np.sort(cust_of_event + rng.random(cust_of_event.size) * 0.999999) - cust_of_event
-        rank = np.arange(cust_of_event.size) - np.repeat(np.cumsum(n_events) - n_events, n_events)
-        kept = rank < keep[cust_of_event]
+        rank = np.arange(cust_of_event.size) - np.repeat(np.cumsum(c.n_events) - c.n_events, c.n_events)
+        kept = rank < c.keep[cust_of_event]
         cust_rep = cust_of_event[kept]
-        target = w_start[cust_rep] + u[kept] * (w_end[cust_rep] - w_start[cust_rep])
-        day_rep, frac_rep = _inverse_intensity(w.cum_intensity, w.intensity, seg[cust_rep], target)
-        new = np.flatnonzero(~pre_existing)
+        target = c.w_start[cust_rep] + u[kept] * (c.w_end[cust_rep] - c.w_start[cust_rep])
+        day_rep, frac_rep = _inverse_intensity(w.cum_intensity, w.intensity, c.seg[cust_rep], target)
+        new = np.flatnonzero(~c.pre_existing)
         order_cust = np.concatenate([new, cust_rep])
-        order_day = np.concatenate([signup_day[new], day_rep])
-        order_sec = np.concatenate([signup_sec[new] + rng.integers(60, 3000, new.size), _time_of_day(frac_rep)])
+        order_day = np.concatenate([c.signup_day[new], day_rep])
+        order_sec = np.concatenate([c.signup_sec[new] + rng.integers(60, 3000, new.size), _time_of_day(frac_rep)])
         order_ts = w.start_ts + order_day.astype(np.int64) * SECONDS_PER_DAY + order_sec
         by_time = np.argsort(_sort_key(order_cust, order_ts - w.start_ts))
-        order_cust, order_ts = order_cust[by_time], order_ts[by_time]
+        return order_cust[by_time], order_ts[by_time]
+
+    def _orders_and_lines(self, rng, c: _Cohort, order_cust, order_ts, customer_ids, end_ts):
+        """Baskets, bundles, returns and order-level dirt for the given purchases: the orders and order lines
+        tables, plus what the web events need (channel per purchase, line → purchase, line → product)."""
+        p, w, a = self.params, self.world, self.seg_attr
+        seg, taste = c.seg, c.taste
         n_orders = order_cust.size
 
         # Baskets: lines per order, category by taste, product by segment-tilted popularity.
         order_status = np.where(rng.random(n_orders) < p.cancel_rate, CANCELLED, COMPLETED).astype(np.int8)
-        n_lines = 1 + rng.poisson(basket_extra[order_cust])
+        n_lines = 1 + rng.poisson(c.basket_extra[order_cust])
         line_order = np.repeat(np.arange(n_orders), n_lines)
         line_cust = order_cust[line_order]
         line_product = self._pick_products(rng, seg[line_cust], taste, line_cust)
@@ -551,8 +623,8 @@ class _Generation:
         line_order, line_product = line_order[regroup], line_product[regroup]
         line_cust = order_cust[line_order]
         n_purchase_lines = line_order.size
-        line_qty = 1 + rng.poisson(qty_extra[line_cust])
-        discounted = rng.random(n_purchase_lines) < seg_attr["discount_share"][seg[line_cust]]
+        line_qty = 1 + rng.poisson(c.qty_extra[line_cust])
+        discounted = rng.random(n_purchase_lines) < a["discount_share"][seg[line_cust]]
         line_discount = np.where(discounted, DISCOUNT_LEVELS[rng.integers(0, DISCOUNT_LEVELS.size,
                                                                           n_purchase_lines)], 0.0)
         line_price = w.product_price[line_product].copy()
@@ -562,7 +634,7 @@ class _Generation:
         returned = np.flatnonzero((order_status == COMPLETED) & (rng.random(n_orders) < p.return_rate))
         return_ts = order_ts[returned] + rng.integers(1, 30, returned.size) * SECONDS_PER_DAY \
             + rng.integers(-3 * 3600, 3 * 3600, returned.size)
-        in_window = return_ts < w.end_ts
+        in_window = return_ts < end_ts
         returned, return_ts = returned[in_window], return_ts[in_window]
         return_no = np.full(n_orders, -1)
         return_no[returned] = np.arange(returned.size)
@@ -578,7 +650,7 @@ class _Generation:
         all_cust = np.concatenate([order_cust, order_cust[returned]])
         all_ts = np.concatenate([order_ts, return_ts])
         status = np.concatenate([order_status, np.full(n_returns, RETURNED, np.int8)])
-        channel_p = np.array([c[1] for c in ORDER_CHANNELS])
+        channel_p = np.array([ch[1] for ch in ORDER_CHANNELS])
         order_channel = rng.choice(len(ORDER_CHANNELS), size=n_orders, p=channel_p)
         all_channel = np.concatenate([order_channel, order_channel[returned]])
         all_lines_order = np.concatenate([line_order, n_orders + return_no[line_order[r_line]]])
@@ -595,7 +667,7 @@ class _Generation:
         never_returned = np.concatenate([return_no < 0, np.zeros(n_returns, bool)])
         has_customer = ~never_returned | (rng.random(n_all) >= p.missing_customer_rate)
         future = never_returned & (rng.random(n_all) < p.future_order_rate)
-        all_ts = np.where(future, w.end_ts + rng.integers(0, 365 * SECONDS_PER_DAY, n_all), all_ts)
+        all_ts = np.where(future, end_ts + rng.integers(0, 365 * SECONDS_PER_DAY, n_all), all_ts)
         # Dirt on lines: zero or negative unit prices.
         bad_price = rng.random(all_product.size) < p.bad_price_rate
         all_price = np.where(bad_price, np.where(rng.random(all_product.size) < 0.5, 0.0, -all_price), all_price)
@@ -612,7 +684,6 @@ class _Generation:
         o_rows = np.concatenate([np.arange(n_all), dup_orders])
         l_rows = np.concatenate([np.arange(order_of_line.size), dup_lines])
 
-        customer_ids = _ids("C", first + 1 + np.arange(n), self._id_width("C"))
         order_ids = _ids("O", order_number, self._id_width("O"))
         orders = pa.table({
             "order_id": order_ids.take(pa.array(o_rows)),
@@ -620,7 +691,7 @@ class _Generation:
                                       pa.scalar(None, pa.string())),
             "ordered_at": pa.array(all_ts[o_rows], pa.timestamp("s")),
             "status": pa.array(STATUSES).take(pa.array(status[o_rows])),
-            "channel": pa.array([c[0] for c in ORDER_CHANNELS]).take(pa.array(all_channel[o_rows])),
+            "channel": pa.array([ch[0] for ch in ORDER_CHANNELS]).take(pa.array(all_channel[o_rows])),
         })
         lines = pa.table({
             "order_id": order_ids.take(pa.array(order_of_line[l_rows])),
@@ -638,36 +709,25 @@ class _Generation:
         self._count("bad_unit_price_lines", int(bad_price[l_rows].sum()))
         self._count("cancelled_orders", int((status[o_rows] == CANCELLED).sum()))
         self._count("return_orders", int((status[o_rows] == RETURNED).sum()))
+        return orders, lines, order_channel, line_order, line_product
 
-        customers, is_test = self._customers(rng, n, customer_ids, seg, signup_day, signup_sec)
-        jobs = [("raw.customers", customers, True), ("raw.orders", orders, True), ("raw.order_lines", lines, True)]
-        if p.web_events:
-            web_share = (p.web_customer_share * seg_attr["web_affinity"][seg]).clip(0, 1)
-            tracked = rng.random(n) < web_share
-            jobs.append(("raw.web_events", self._web_events(
-                rng, tracked, customer_ids, seg, taste, start_day, order_cust, order_ts, order_channel,
-                line_order, line_product), True))
-
-        # Planted truth per customer. mean_order_value = E[lines]·E[units]·E[price | taste]·(1 − E[discount]),
-        # before bundle add-ons, cancellations and returns.
-        exp_price = (taste * w.cat_mean_price[seg]).sum(axis=1)
-        mean_order_value = (1 + basket_extra) * (1 + qty_extra) * exp_price \
-            * (1 - seg_attr["discount_share"][seg] * DISCOUNT_LEVELS.mean())
+    def _planted(self, c: _Cohort, customer_ids: pa.Array, alive: np.ndarray) -> pa.Table:
+        """Planted truth per customer. mean_order_value = E[lines]·E[units]·E[price | taste]·(1 − E[discount]),
+        before bundle add-ons, cancellations and returns."""
+        w = self.world
+        exp_price = (c.taste * w.cat_mean_price[c.seg]).sum(axis=1)
+        mean_order_value = (1 + c.basket_extra) * (1 + c.qty_extra) * exp_price \
+            * (1 - self.seg_attr["discount_share"][c.seg] * DISCOUNT_LEVELS.mean())
         names = pa.array([s.name for s in w.segments], pa.string())
-        planted = pa.table({
-            "batch_id": pa.array(np.full(n, self.batch.batch_id), pa.int64()),
+        return pa.table({
+            "batch_id": pa.array(np.full(c.n, self.batch.batch_id), pa.int64()),
             "customer_id": customer_ids,
-            "segment": names.take(pa.array(seg)),
-            "purchase_rate": pa.array(lam),
-            "dropout_prob": pa.array(dropout),
+            "segment": names.take(pa.array(c.seg)),
+            "purchase_rate": pa.array(c.lam),
+            "dropout_prob": pa.array(c.dropout),
             "mean_order_value": pa.array(mean_order_value.round(4)),
             "is_alive_at_end": pa.array(alive),
         })
-        jobs.append(("audit.planted_customers", planted, False))
-        self.segment_counts += np.bincount(seg, minlength=S)
-        self.alive_counts += np.bincount(seg[alive], minlength=S)
-        self._count("test_account_customers", int(is_test.sum()))
-        return jobs
 
     def _pick_products(self, rng, line_seg, taste, line_cust) -> np.ndarray:
         """Category from the customer's taste, then product from the segment's within-category weights."""
