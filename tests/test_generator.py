@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 from datetime import date, timedelta
 
 import numpy as np
@@ -237,3 +238,49 @@ def test_chunks_continue_ids_and_numbering(warehouse, monkeypatch):
 def test_invalid_parameters_are_one_clear_error(bad):
     with pytest.raises(CrmError, match="invalid generator parameters"):
         GeneratorParams(**bad).validate()
+
+
+def _batch_rows(conn, batch_ids) -> dict[str, int]:
+    return {t: conn.execute(f"select count(*) from {t} where _batch_id = any(%s)", [batch_ids]).fetchone()[0]
+            for t in RAW_TABLES}
+
+
+def test_appended_days_continue_the_window_and_load_only_the_new_day(warehouse, other_warehouse):
+    end = SMALL.resolved_end_date
+    with connect(warehouse) as conn:
+        base = generate(conn, SMALL)
+        window = _content_digest(conn)
+        day1 = generate(conn, replace(SMALL, append_days=1))
+        after_day1 = _batch_rows(conn, [base.batch_id])
+        day2 = generate(conn, replace(SMALL, append_days=2))
+        again = generate(conn, replace(SMALL, append_days=2))
+        continued = _content_digest(conn)
+        q = lambda sql, *args: conn.execute(sql, list(args)).fetchone()[0]  # noqa: E731
+        # Every new order is on its own day, except the planted clock errors (dated after the new end).
+        off_day = q("select count(*) from raw.orders where _batch_id = %s and ordered_at::date <> %s "
+                    "and ordered_at < %s", day1.batch_id, end + timedelta(days=1), end + timedelta(days=2))
+        orphans = q("select count(*) from raw.orders o where _batch_id = any(%s) and customer_id is not null "
+                    "and not exists (select 1 from raw.customers c where c.customer_id = o.customer_id)",
+                    [day1.batch_id, day2.batch_id])
+        # Old customers keep buying: most of a day's orders are theirs, not the new signups'.
+        old_buyers = q("select count(*) from raw.orders where _batch_id = any(%s) and customer_id <= %s",
+                       [day1.batch_id, day2.batch_id], "C0001000")
+        max_order_before = q("select max(order_id) from raw.orders where _batch_id = %s", base.batch_id)
+        min_order_after = q("select min(order_id) from raw.orders where _batch_id = %s", day1.batch_id)
+        truth = q("select value from audit.planted_truth where batch_id = %s and key = 'append_day'", day2.batch_id)
+    with connect(other_warehouse) as conn:
+        direct = generate(conn, replace(SMALL, append_days=2))  # the window and both days in one call
+        direct_digest = _content_digest(conn)
+
+    # The window is untouched by the continuation, and continuing equals generating all the days at once.
+    assert after_day1 == {t: base.rows_loaded.get(t, 0) for t in RAW_TABLES}
+    assert continued == direct_digest and continued != window
+    assert direct.lines_read == day2.lines_read and again.skipped and again.already_loaded_as == day2.batch_id
+    # A day is a day: small next to the window (~1/730 of it), and not empty.
+    per_day = base.lines_read / SMALL.days
+    for day in (day1, day2):
+        assert day.reconciles and 0 < day.lines_read < 5 * per_day
+        assert set(day.rows_loaded) <= {"raw.customers", "raw.orders", "raw.order_lines"}
+    assert off_day == 0 and orphans == 0 and old_buyers > 0
+    assert min_order_after > max_order_before
+    assert truth["day"] == 2 and truth["date"] == (end + timedelta(days=2)).isoformat()

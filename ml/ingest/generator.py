@@ -52,6 +52,8 @@ ANCHOR_END_DATE = date(2025, 12, 31)
 # the data. 50k customers ≈ 0.6M order lines ≈ 150 MB of numpy + Arrow per chunk.
 CHUNK_CUSTOMERS = 50_000
 SECONDS_PER_DAY = 86_400
+# RNG stream keys of the continuation (appended days), far above any chunk's key (1 + chunk index).
+SIGNUP_KEY, DAY_KEY = 1_000_000, 1_000_001
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -86,6 +88,9 @@ class GeneratorParams:
     bad_price_rate: float = 0.001  # order lines with a zero or negative unit price
     test_account_rate: float = 0.005  # internal test customers (flag and/or @test.example email)
     future_order_rate: float = 0.002  # orders dated after end_date (clock errors)
+    # Days simulated after end_date, each loaded as its own small batch on top of the window's batch: the
+    # window's rows never change, so a warehouse holding the window gets only the new days' rows.
+    append_days: int = 0
 
     @property
     def resolved_end_date(self) -> date:
@@ -104,6 +109,7 @@ class GeneratorParams:
     def canonical(self) -> dict:
         """The parameters as plain JSON values, defaults resolved (``end_date=None`` ≡ the anchor date)."""
         values = asdict(self)
+        del values["append_days"]  # not part of the window's content (nor of its batch's hash)
         values["end_date"] = self.resolved_end_date.isoformat()
         values["n_products"] = self.product_count
         return values
@@ -118,6 +124,8 @@ class GeneratorParams:
             problems.append(f"n_segments must be between 4 and {len(SEGMENTS)} (got {self.n_segments})")
         if not 8 <= self.n_categories <= len(CATEGORIES):
             problems.append(f"n_categories must be between 8 and {len(CATEGORIES)} (got {self.n_categories})")
+        if not 0 <= self.append_days <= 366:
+            problems.append(f"append_days must be between 0 and 366 (got {self.append_days})")
         if not 5 <= self.n_bundles <= 10:
             problems.append(f"n_bundles must be between 5 and 10 (got {self.n_bundles})")
         if self.product_count < 100:
@@ -257,6 +265,10 @@ def generate(
     ``timings`` (optional) receives seconds spent generating (numpy/Arrow, ``generate``), waiting for the
     COPY thread (``wait_copy``) and COPYing each table (``copy <table>``, overlapping the generation);
     ``progress(done_customers, customers)`` is called after each chunk.
+
+    With ``append_days = k`` the window's batch is followed by one batch per day after ``end_date`` (a
+    batch already loaded is skipped, as always), and the report of the last day's batch is returned: on a
+    warehouse that already holds the window (or its first days), only the missing days are generated.
     """
     params.validate()
     canonical = params.canonical()
@@ -264,7 +276,7 @@ def generate(
     # The four CLI knobs always, any other parameter only when it differs from its default.
     defaults = asdict(GeneratorParams())
     extra = [f"{f.name}={getattr(params, f.name)}" for f in fields(params)
-             if f.name not in ("customers", "days", "seed", "end_date")
+             if f.name not in ("customers", "days", "seed", "end_date", "append_days")
              and getattr(params, f.name) != defaults[f.name]]
     source_name = " ".join(
         [f"customers={params.customers}", f"days={params.days}", f"seed={params.seed}",
@@ -274,7 +286,7 @@ def generate(
     def fill(batch: Batch) -> None:
         _Generation(batch, params, timings, progress).run()
 
-    return load_atomically(
+    report = load_atomically(
         conn,
         source="generator",
         source_name=source_name,
@@ -282,6 +294,23 @@ def generate(
         primary_table="raw.order_lines",
         fill=fill,
     )
+    family = [report.batch_id or report.already_loaded_as]  # the batches this continuation builds on
+    for day in range(1, params.append_days + 1):
+        date_of_day = params.resolved_end_date + timedelta(days=day)
+
+        def fill_day(batch: Batch, day: int = day) -> None:
+            _Generation(batch, params, timings, None).run_day(day, family)
+
+        report = load_atomically(
+            conn,
+            source="generator",
+            source_name=f"{source_name} append_day={day} ({date_of_day.isoformat()})",
+            content_sha256=hashlib.sha256(f"{hashed} append_day={day}".encode()).hexdigest(),
+            primary_table="raw.order_lines",
+            fill=fill_day,
+        )
+        family.append(report.batch_id or report.already_loaded_as)
+    return report
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -728,6 +757,119 @@ class _Generation:
             "mean_order_value": pa.array(mean_order_value.round(4)),
             "is_alive_at_end": pa.array(alive),
         })
+
+    # -- the continuation: one day after the window (or after earlier appended days) ------------------------
+    def run_day(self, day: int, previous_batches: list[int]) -> None:
+        """Generate day ``day`` after ``end_date`` (1 = the first) into this batch.
+
+        BG/NBD is memoryless, so each customer's state at the end of the window is enough to continue:
+        replaying only the per-customer draws of each chunk (cheap; no orders or lines) gives who is still
+        alive and how many purchases she has left before dropping out. Each appended day then draws its own
+        purchases from its own RNG streams, and new customers sign up at the window's average daily rate.
+        Appended days hold orders, order lines and the new customers; not returns of earlier orders (a
+        return is placed in its purchase's batch or dropped when it falls outside it) nor web events.
+        """
+        p = self.params
+        world = self._set_world()
+        with self.batch.conn.cursor() as cur:
+            last = cur.execute("select max(order_id) from raw.orders where _batch_id = any(%s)",
+                               [previous_batches]).fetchone()[0]
+        self.n_orders = int(last[1:]) if last else 0  # order numbers continue after the earlier batches'
+        # Intensity of the appended days on the window's seasonal curve (same normaliser).
+        extra_intensity = _seasonal_intensity(world.segments, p.start_date, p.days + np.arange(day)) \
+            / world.intensity_norm
+        day_start = world.start_ts + (p.days + day - 1) * SECONDS_PER_DAY
+
+        buyers: list[tuple[_Cohort, pa.Array, np.ndarray]] = []  # (cohort, ids, purchases today)
+        for index in range(-(-p.customers // CHUNK_CUSTOMERS)):
+            first = index * CHUNK_CUSTOMERS
+            count = min(CHUNK_CUSTOMERS, p.customers - first)
+            rng = np.random.default_rng(np.random.SeedSequence(p.seed, spawn_key=(1 + index,)))
+            c = self._draw_traits(rng, count)
+            self._draw_window_timing(rng, c)
+            left = np.where(c.alive, c.dies_at - c.total, 0)
+            today = self._continued_purchases(c, left, extra_intensity, (1 + index,), 1, day)
+            buyers.append(self._buyers(c, today, first))
+        next_id = p.customers
+        for signed_on in range(1, day + 1):
+            c = self._signups(signed_on)
+            # The signup order is the first purchase; the rest start the next day.
+            today = self._continued_purchases(c, c.dies_at - 1, extra_intensity, (SIGNUP_KEY, signed_on),
+                                              signed_on + 1, day)
+            buyers.append(self._buyers(c, today, next_id, everyone=signed_on == day))
+            if signed_on == day:
+                new_customers, new_ids, new_first = c, buyers[-1][1], next_id
+            next_id += c.n
+
+        rng = np.random.default_rng(np.random.SeedSequence(p.seed, spawn_key=(DAY_KEY, day)))
+        pop, ids, today = self._concat_buyers(buyers)
+        # Today's signups are the last cohort: their first order follows their signup, like in the window.
+        n_pop = pop.n
+        signup_cust = n_pop - new_customers.n + np.arange(new_customers.n)
+        repeat_cust = np.repeat(np.arange(n_pop), today)
+        order_cust = np.concatenate([signup_cust, repeat_cust])
+        order_sec = np.concatenate([new_customers.signup_sec + rng.integers(60, 3000, new_customers.n),
+                                    _time_of_day(rng.random(repeat_cust.size))])
+        order_ts = day_start + order_sec
+        by_time = np.argsort(_sort_key(order_cust, order_ts - world.start_ts))
+        order_cust, order_ts = order_cust[by_time], order_ts[by_time]
+        orders, lines, *_ = self._orders_and_lines(rng, pop, order_cust, order_ts, ids, day_start + SECONDS_PER_DAY)
+        customers, is_test = self._customers(rng, new_customers.n, new_ids, new_customers.seg,
+                                             new_customers.signup_day, new_customers.signup_sec)
+        self._count("test_account_customers", int(is_test.sum()))
+        for table, frame in (("raw.customers", customers), ("raw.orders", orders), ("raw.order_lines", lines)):
+            self.batch.copy(table, frame)
+        copy_in(self.batch.conn, "audit.planted_customers",
+                self._planted(new_customers, new_ids, new_customers.dies_at > 1))
+        self.batch.report.lines_read = self.lines_generated
+        self.batch.record_truth("append_day", {
+            "day": day, "date": (p.resolved_end_date + timedelta(days=day)).isoformat(),
+            "new_customers": int(new_customers.n),
+            "first_new_customer_number": new_first + 1, "repeat_purchases": int(repeat_cust.size),
+            "dirt": {k: v for k, v in self.dirt.items() if k.startswith("dirt.")},
+        })
+        self.batch.record_truth("rows", dict(self.batch.report.rows_loaded))
+
+    def _continued_purchases(self, c: _Cohort, left: np.ndarray, intensity: np.ndarray, key: tuple,
+                             first_day: int, day: int) -> np.ndarray:
+        """Purchases of each customer on appended day ``day``: Poisson on each day from ``first_day`` on (its
+        own stream per cohort and day, so day d's draws do not depend on how many days are appended), capped
+        by the purchases she has left before dropping out."""
+        left = left.copy()
+        today = np.zeros(c.n, np.int64)
+        for d in range(first_day, day + 1):
+            rng = np.random.default_rng(np.random.SeedSequence(self.params.seed, spawn_key=(*key, d)))
+            today = np.minimum(rng.poisson(c.lam * intensity[c.seg, d - 1]), left)
+            left -= today
+        return today
+
+    def _signups(self, day: int) -> _Cohort:
+        """New customers of appended day ``day``: the window's average daily signups, same segment mix."""
+        p = self.params
+        rng = np.random.default_rng(np.random.SeedSequence(p.seed, spawn_key=(SIGNUP_KEY, day)))
+        n = int(rng.poisson(p.customers * (1 - p.pre_existing_share) / p.days))
+        c = self._draw_traits(rng, n)
+        c.signup_day = np.full(n, p.days + day - 1)
+        c.signup_sec = _time_of_day(rng.random(n)).clip(0, 23 * 3600)
+        c.dies_at = rng.geometric(c.dropout)
+        return c
+
+    def _buyers(self, c: _Cohort, today: np.ndarray, first: int, everyone: bool = False):
+        """(cohort, ids, purchases today) of the customers of ``c`` who buy today, or of all of them (today's
+        signups, whose first order is today). ``first``: the cohort's first customer number minus one."""
+        keep = np.arange(c.n) if everyone else np.flatnonzero(today > 0)
+        sub = _Cohort(n=keep.size, seg=c.seg[keep], lam=c.lam[keep], dropout=c.dropout[keep],
+                      basket_extra=c.basket_extra[keep], qty_extra=c.qty_extra[keep], taste=c.taste[keep])
+        return sub, _ids("C", first + 1 + keep, self._id_width("C")), today[keep]
+
+    @staticmethod
+    def _concat_buyers(buyers) -> tuple[_Cohort, pa.Array, np.ndarray]:
+        cohorts = [b[0] for b in buyers]
+        pop = _Cohort(n=sum(c.n for c in cohorts))
+        for name in ("seg", "lam", "dropout", "basket_extra", "qty_extra", "taste"):
+            setattr(pop, name, np.concatenate([getattr(c, name) for c in cohorts]))
+        ids = pa.concat_arrays([b[1] for b in buyers])
+        return pop, ids, np.concatenate([b[2] for b in buyers])
 
     def _pick_products(self, rng, line_seg, taste, line_cust) -> np.ndarray:
         """Category from the customer's taste, then product from the segment's within-category weights."""
