@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=42)
     gen.add_argument("--end-date", type=date.fromisoformat, default=None,
                      help="last day of history (default: the generator's fixed anchor date)")
+    gen.add_argument("--append-days", type=int, default=0,
+                     help="continue the history this many days after the end date, one batch per day "
+                          "(days already loaded are skipped)")
     gen.set_defaults(run=_generate)
 
     ing = sub.add_parser("ingest", help="load a real data file into the raw layer")
@@ -125,7 +128,8 @@ def _generate(settings: Settings, args) -> int:
     from ml.warehouse import connect, ensure_warehouse
 
     ensure_warehouse(settings)
-    params = GeneratorParams(customers=args.customers, days=args.days, seed=args.seed, end_date=args.end_date)
+    params = GeneratorParams(customers=args.customers, days=args.days, seed=args.seed, end_date=args.end_date,
+                             append_days=args.append_days)
     started = time.perf_counter()
     with connect(settings) as conn:
         report = generate(conn, params)
