@@ -34,11 +34,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
 from bench.harness import StepResult, measure, postmaster_pid
 from ml.config import PROJECT_ROOT, Settings
-from ml.warehouse import connect, copy_out, init_schemas, read_table, start_embedded, stop_embedded
+from ml.warehouse import connect, init_schemas, read_table, start_embedded, stop_embedded
 
 RUN_ID = "bench"  # publish wants an MLflow run id; the benchmark trains without MLflow
 # dbt vars of every build: the value family validates on the newest training snapshot and trains on older ones.
@@ -359,40 +358,34 @@ def publish_all(bench: Bench, settings: Settings, frames: dict, as_of: dt.date, 
 # The incremental night
 # ---------------------------------------------------------------------------------------------------------
 def one_new_day(settings: Settings, end_date: dt.date) -> dict[str, int]:
-    """Load one more day of orders as a new batch: the orders of ``end_date`` replayed on ``end_date + 1``.
-
-    The generator has no "append a day" mode, and a second generator batch with another seed would reuse
-    every customer and order id (re-delivering, not adding). So the new day is made from the last generated
-    day: same customers, same baskets, timestamps one day later, new order ids (``N`` + old id). Its size is
-    one real day of this shop, which is what an incremental night must absorb.
+    """Load the next day after ``end_date`` as the generator's continuation (``append_days``): one new batch
+    with that day's orders of the same customers (still-alive ones buying, new ones signing up), on top of
+    an unchanged window. The generator's parameters are read back from its planted truth, so this works on
+    any warehouse the generator filled; a day already appended is kept and the next one is added.
     """
-    from ml.ingest.batch import load_atomically
+    from dataclasses import fields, replace
 
-    day = end_date.isoformat()
+    from ml.ingest.generator import GeneratorParams, generate
+
     with connect(settings) as conn:
-        orders = copy_out(conn, "select order_id, customer_id, ordered_at, status, channel from raw.orders "
-                                f"where ordered_at >= date '{day}' and ordered_at < date '{day}' + 1")
-        lines = copy_out(conn, "select l.order_id, l.line_no, l.product_id, l.quantity, l.unit_price, l.discount "
-                               "from raw.order_lines l join raw.orders o using (order_id) "
-                               f"where o.ordered_at >= date '{day}' and o.ordered_at < date '{day}' + 1")
-        orders = _shift_day(orders)
-        lines = lines.set_column(0, "order_id", pa.compute.binary_join_element_wise("N", lines["order_id"], ""))
-
-        def fill(batch) -> None:
-            batch.copy("raw.orders", orders)
-            batch.copy("raw.order_lines", lines)
-            batch.report.lines_read = lines.num_rows
-
-        report = load_atomically(conn, source="bench-new-day", source_name=f"replay of {day}",
-                                 content_sha256=f"bench-new-day-{day}-{time.time_ns()}",
-                                 primary_table="raw.order_lines", fill=fill)
+        row = conn.execute(
+            "select t.value from audit.planted_truth t join audit.load_batches b using (batch_id) "
+            "where b.status = 'loaded' and b.source = 'generator' and t.key = 'params' "
+            "order by b.batch_id desc limit 1").fetchone()
+        if row is None:
+            raise RuntimeError("no generated window in this warehouse: one_new_day continues the generator's")
+        names = {f.name for f in fields(GeneratorParams)}
+        values = {k: v for k, v in row[0].items() if k in names}
+        params = GeneratorParams(**{**values, "end_date": dt.date.fromisoformat(values["end_date"])})
+        if params.n_products == replace(params, n_products=None).product_count:
+            params = replace(params, n_products=None)  # the default, resolved in the truth: keep it implicit
+        # Batches already loaded are skipped, so the first call that loads something added the new day.
+        days = max(1, (end_date - params.resolved_end_date).days + 1)
+        report = generate(conn, replace(params, append_days=days))
+        while report.skipped:
+            days += 1
+            report = generate(conn, replace(params, append_days=days))
     return report.rows_loaded
-
-
-def _shift_day(orders: pa.Table) -> pa.Table:
-    order_id = pa.compute.binary_join_element_wise("N", orders["order_id"], "")
-    ordered_at = pa.compute.add(orders["ordered_at"], pa.scalar(dt.timedelta(days=1)))
-    return orders.set_column(0, "order_id", order_id).set_column(2, "ordered_at", ordered_at)
 
 
 def incremental_night(bench: Bench, settings: Settings, end_date: dt.date, trained: dict) -> None:
