@@ -245,7 +245,9 @@ def _batch_rows(conn, batch_ids) -> dict[str, int]:
             for t in RAW_TABLES}
 
 
-def test_appended_days_continue_the_window_and_load_only_the_new_day(warehouse, other_warehouse):
+def test_appended_days_continue_the_window_and_load_only_the_new_day(warehouse, other_warehouse, monkeypatch):
+    # Three chunks, so the continuation replays each chunk's customers from its own stream.
+    monkeypatch.setattr(generator, "CHUNK_CUSTOMERS", 400)
     end = SMALL.resolved_end_date
     with connect(warehouse) as conn:
         base = generate(conn, SMALL)
@@ -265,6 +267,7 @@ def test_appended_days_continue_the_window_and_load_only_the_new_day(warehouse, 
         # Old customers keep buying: most of a day's orders are theirs, not the new signups'.
         old_buyers = q("select count(*) from raw.orders where _batch_id = any(%s) and customer_id <= %s",
                        [day1.batch_id, day2.batch_id], "C0001000")
+        duplicate_customers = q("select count(*) - count(distinct customer_id) from raw.customers")
         max_order_before = q("select max(order_id) from raw.orders where _batch_id = %s", base.batch_id)
         min_order_after = q("select min(order_id) from raw.orders where _batch_id = %s", day1.batch_id)
         truth = q("select value from audit.planted_truth where batch_id = %s and key = 'append_day'", day2.batch_id)
@@ -281,6 +284,6 @@ def test_appended_days_continue_the_window_and_load_only_the_new_day(warehouse, 
     for day in (day1, day2):
         assert day.reconciles and 0 < day.lines_read < 5 * per_day
         assert set(day.rows_loaded) <= {"raw.customers", "raw.orders", "raw.order_lines"}
-    assert off_day == 0 and orphans == 0 and old_buyers > 0
+    assert off_day == 0 and orphans == 0 and old_buyers > 0 and duplicate_customers == 0
     assert min_order_after > max_order_before
     assert truth["day"] == 2 and truth["date"] == (end + timedelta(days=2)).isoformat()
