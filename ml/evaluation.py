@@ -12,6 +12,11 @@ bought. Metrics are means over evaluated customers:
 - ``ndcg_at_k``: binary-relevance DCG / ideal DCG (ideal = min(k, n targets) hits on top);
 - ``catalogue_coverage``: distinct recommended items / distinct items in the history;
 - ``n_customers_evaluated``.
+
+``max_customers`` bounds the evaluation at scale: the model is still fitted on every history, but only a
+reproducible random sample of that many evaluated customers is ranked (at 1M customers ranking every
+repeat customer would cost as much as the nightly scoring itself, for a metric whose standard error at
+20,000 customers is already ~0.003).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ def evaluate_recommender(
     order_lines: pd.DataFrame,
     k: int = 10,
     products: pd.DataFrame | None = None,
+    max_customers: int | None = None,
+    random_state: int = 0,
 ) -> dict[str, float]:
     """Fit a fresh copy of ``recommender`` on the history and score it on the hidden last orders.
 
@@ -46,6 +53,8 @@ def evaluate_recommender(
             "nothing to evaluate: no customer has a second order containing an item they had not bought "
             "before (evaluation needs repeat customers)"
         )
+    if max_customers is not None and len(targets) > max_customers:
+        targets = targets.sample(max_customers, random_state=random_state).sort_index()
     model = recommender() if callable(recommender) and not isinstance(recommender, BaseRecommender) else clone(recommender)
     started = time.perf_counter()
     model.fit(history, products)

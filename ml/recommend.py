@@ -202,11 +202,20 @@ class BaseRecommender(BaseEstimator):
 
     def _recent_baskets(self, lines, rows, cols, shape) -> sp.csr_matrix:
         """Binary customer x item matrix of each customer's last ``n_recent_baskets`` baskets."""
-        baskets = lines[["customer_id", "basket_id", "ordered_at"]].drop_duplicates("basket_id")
-        baskets = baskets.sort_values(["customer_id", "ordered_at", "basket_id"])
-        baskets["from_end"] = baskets.groupby("customer_id").cumcount(ascending=False)
-        recent_ids = baskets.loc[baskets["from_end"] < self.n_recent_baskets, "basket_id"]
-        mask = lines["basket_id"].isin(recent_ids).to_numpy()
+        # integer work only: basket codes, one lexsort by (customer, time, basket), rank from each end
+        codes, uniques = pd.factorize(lines["basket_id"])
+        first = np.full(len(uniques), -1, dtype=np.int64)
+        first[codes[::-1]] = np.arange(len(codes))[::-1]  # first line of each basket
+        b_cust = rows[first]
+        b_time = pd.to_numeric(pd.Series(lines["ordered_at"].to_numpy()[first]), errors="coerce").to_numpy()
+        order = np.lexsort((uniques.to_numpy().argsort().argsort(), b_time, b_cust))
+        cust_sorted = b_cust[order]
+        last_of_cust = np.r_[cust_sorted[1:] != cust_sorted[:-1], True]
+        ends = np.flatnonzero(last_of_cust)
+        end_of = np.repeat(ends, np.diff(np.r_[-1, ends]))
+        from_end = np.empty(len(order), dtype=np.int64)
+        from_end[order] = end_of - np.arange(len(order))
+        mask = (from_end < self.n_recent_baskets)[codes]
         m = sp.csr_matrix((np.ones(mask.sum(), dtype=np.float32), (rows[mask], cols[mask])), shape=shape)
         m.data[:] = 1.0
         return m
@@ -921,7 +930,8 @@ class HybridRecommender(BaseRecommender):
             return
         matrices = {k: _basket_candidate_matrix(m, request, items, self.candidates_per_component)
                     for k, m in fitted.items()}
-        self.basket_weights_, score = _search_weights(names, matrices, truth, self.n)
+        # started from the next-order blend: the basket blend is never worse than it on these baskets
+        self.basket_weights_, score = _search_weights(names, matrices, truth, self.n, start=self.weights_)
         self.validation_.update({
             "n_baskets": int(request.shape[0]), "basket_hit_rate": score,
             # the next-order blend on the same baskets: what a separate basket blend gains
@@ -985,17 +995,13 @@ class HybridRecommender(BaseRecommender):
                 continue
             comp = self.fitted_components_[k]
             cols = self.item_maps_[k]
-            # only the customers with at least one pick explained by this component
-            sel = np.flatnonzero(where.any(axis=1))
-            h = _remap_columns(sp.csr_matrix(history)[sel], cols, len(comp.items_))
-            r = _remap_columns(sp.csr_matrix(recent)[sel], cols, len(comp.items_))
-            sub_rows = self._component_rows(comp, None if rows is None else np.asarray(rows)[sel])
-            comp_picks = np.maximum(cols[picks[sel]], 0)
-            comp._cache = {}  # a fresh memo: the rows differ from the scoring pass
-            reasons = np.asarray(comp._reasons(h, r, sub_rows, comp_picks, picked_scores[sel]), dtype=object)
-            block = out[sel]
-            block[where[sel]] = reasons[where[sel]]
-            out[sel] = block
+            # every row, so the component's memo of the scoring pass (neighbours, fired rules) is reused
+            h = _remap_columns(history, cols, len(comp.items_))
+            r = _remap_columns(recent, cols, len(comp.items_))
+            comp_picks = np.maximum(cols[picks], 0)
+            reasons = np.asarray(comp._reasons(h, r, self._component_rows(comp, rows), comp_picks, picked_scores),
+                                 dtype=object)
+            out[where] = reasons[where]
         return out
 
 
@@ -1133,10 +1139,10 @@ def _weights_hit_rate(names, matrices, truth, n, weights) -> float:
     return _blend_scorer(names, matrices, truth, n)({k: weights.get(k, 0.0) for k in names})
 
 
-def _search_weights(names, matrices, truth, n, grid=(0.0, 0.1, 0.25, 0.5, 1.0, 2.0), rounds=3):
-    """Coordinate ascent on the blend weights, maximising validation hit-rate@n."""
+def _search_weights(names, matrices, truth, n, grid=(0.0, 0.1, 0.25, 0.5, 1.0, 2.0), rounds=3, start=None):
+    """Coordinate ascent on the blend weights (from ``start``, default all 1), maximising validation hit-rate@n."""
     score = _blend_scorer(names, matrices, truth, n)
-    weights = {k: 1.0 for k in names}
+    weights = {k: float((start or {}).get(k, 1.0)) for k in names}
     best = score(weights)
     for _ in range(rounds):
         improved = False

@@ -172,3 +172,28 @@ def test_online_retail_champion_hybrid_beats_the_best_library_method(full):
     assert m["n_customers_evaluated"] == 2498
     assert m["hit_rate_at_10"] > 0.343
     assert m["ndcg_at_10"] > 0.077
+
+
+def test_hybrid_learns_a_separate_blend_for_basket_requests_and_uses_it_for_baskets(sliced):
+    """"Complete this basket": its own blend, validated by hiding one item of held-out baskets."""
+    from ml.recommender_model import recommend_requests
+
+    lines, products = sliced
+    model = HybridRecommender(max_validation_customers=500).fit(lines, products)
+    v = model.validation_
+    assert v["n_baskets"] >= 30 and 0.0 < v["basket_hit_rate"] <= 1.0
+    # searched from the next-order blend, so never worse than it on the same baskets
+    assert v["basket_hit_rate"] >= v["basket_hit_rate_next_order_weights"]
+    assert set(model.basket_weights_) == set(model.weights_)
+
+    # a request with a basket is blended with the basket weights, one without with the next-order ones
+    model.weights_ = model.cold_weights_ = {k: float(k == "popularity_recent") for k in model.weights_}
+    model.basket_weights_ = {k: float(k == "rules") for k in model.weights_}
+    customer = lines["customer_id"].iloc[0]
+    rules = model.fitted_components_["rules"].rules_
+    basket = [str(rules["antecedent"].iloc[0][0])]
+    out = recommend_requests(model, pd.DataFrame({"customer_id": [customer, None], "basket": [None, basket]}))
+    plain, with_basket = out[out["request"] == 0], out[out["request"] == 1]
+    assert plain["reason"].str.startswith("popular item").all()
+    fired = with_basket[with_basket["method"] == "hybrid"]
+    assert len(fired) and fired["reason"].str.startswith("bought together with").all()
