@@ -634,7 +634,7 @@ class UserKNNRecommender(BaseRecommender):
     _block_rows = 512  # customers compared with the pool at once: a (512 x pool) float32 array
 
     def __init__(self, weighting: str = "bm25", k: int = 50, k1: float = 1.2, b: float = 0.75,
-                 max_pool: int = 20_000):
+                 max_pool: int = 10_000):
         self.weighting = weighting
         self.k = k
         self.k1 = k1
