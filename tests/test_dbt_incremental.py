@@ -14,16 +14,43 @@ from ml.warehouse import connect, copy_in
 
 LOADED_3 = "2024-06-01 00:00:00+00"
 FACT_KEYS = {"marts.fct_orders": ["order_id"], "marts.fct_order_lines": ["order_id", "line_no"]}
+# Every incremental model (staging and intermediates are incremental by _loaded_at too) and the marts
+# built over them, with a key that orders their rows.
+INCREMENTAL_KEYS = {
+    "staging.stg_crm__customers": ["customer_id"],
+    "staging.stg_crm__products": ["product_id"],
+    "staging.stg_crm__orders": ["order_id"],
+    "staging.stg_crm__order_lines": ["order_id", "line_no"],
+    "staging.stg_crm__web_events": ["_event_key"],
+    "staging.int_orders_validated": ["order_id"],
+    "staging.int_order_lines_enriched": ["order_id", "line_no"],
+    "staging.int_orders_enriched": ["order_id"],
+    **FACT_KEYS,
+    "marts.customer_features": ["customer_id"],
+    "marts.clv_training_set": ["customer_id", "snapshot"],
+    "marts.data_quality_summary": ["entity", "reason", "action"],
+}
 
 
 def _snapshot(settings, table: str) -> pd.DataFrame:
-    return _read(settings, table).sort_values(FACT_KEYS[table]).reset_index(drop=True)
+    keys = {**FACT_KEYS, **INCREMENTAL_KEYS}[table]
+    return _read(settings, table).sort_values(keys).reset_index(drop=True)
 
 
-def _deliver(settings, *, customers=None, orders=(), lines=()) -> None:
+def _web_events(rows) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=["customer_id", "session_id", "event_type", "product_id", "event_at",
+                                        "_batch_id", "_loaded_at"])
+    return frame.assign(event_at=pd.to_datetime(frame["event_at"]))
+
+
+def _deliver(settings, *, customers=None, products=None, orders=(), lines=(), web_events=()) -> None:
     with connect(settings) as conn:
         if customers is not None:
             copy_in(conn, "raw.customers", customers)
+        if products is not None:
+            copy_in(conn, "raw.products", products)
+        if web_events:
+            copy_in(conn, "raw.web_events", _web_events(web_events))
         if orders:
             copy_in(conn, "raw.orders", orders_frame(orders))
         if lines:
@@ -33,6 +60,12 @@ def _deliver(settings, *, customers=None, orders=(), lines=()) -> None:
 
 def test_incremental_build_equals_full_refresh(warehouse):
     load_fixture(warehouse)
+    loaded_1 = "2024-05-01 00:00:00+00"
+    _deliver(warehouse, web_events=[
+        ("c1", "s1", "view", "P1", "2024-01-09 10:00", 1, loaded_1),
+        ("c1", "s1", "search", None, "2024-01-09 10:01", 1, loaded_1),
+        ("c2", None, "view", "P2", "2024-01-31 10:00", 1, loaded_1),
+    ])
     dbt_build(warehouse, horizon_days=60)
     before = _snapshot(warehouse, "marts.fct_order_lines")
 
@@ -55,9 +88,18 @@ def test_incremental_build_equals_full_refresh(warehouse):
             ("o1", 3, "P3", 1, 5.0, 3, LOADED_3),  # late-arriving line of a January order
             ("o2", 1, "P3", 5, 5.0, 3, LOADED_3),  # corrected quantity of an old line
         ],
+        # the lamp moves to another category: every old line of P2 must follow
+        products=pd.DataFrame({"product_id": ["P2"], "product_name": ["Lamp"], "category": ["Lighting"],
+                               "list_price": [20.0], "_batch_id": [3], "_loaded_at": [LOADED_3]}),
+        web_events=[
+            ("c1", "s1", "search", None, "2024-01-09 10:01", 3, LOADED_3),  # exact re-delivery, null product
+            ("c7", "s9", "view", "P3", "2024-03-24 10:00", 3, LOADED_3),  # new
+        ],
     )
     incremental = dbt_build(warehouse, horizon_days=60)
     assert incremental.node("fct_order_lines").status == "success"
+    assert incremental.node("stg_crm__order_lines").status == "success"
+    inc_all = {table: _snapshot(warehouse, table) for table in INCREMENTAL_KEYS}
     inc_orders = _snapshot(warehouse, "marts.fct_orders")
     inc_lines = _snapshot(warehouse, "marts.fct_order_lines")
 
@@ -74,6 +116,13 @@ def test_incremental_build_equals_full_refresh(warehouse):
     full_lines = _snapshot(warehouse, "marts.fct_order_lines")
     pd.testing.assert_frame_equal(inc_orders, full_orders)
     pd.testing.assert_frame_equal(inc_lines, full_lines)
+
+    # ... and the whole graph rebuilt from the raw rows equals what the incremental run left
+    dbt_build(warehouse, horizon_days=60, full_refresh=True)
+    assert _snapshot(warehouse, "staging.int_order_lines_enriched").query("product_id == 'P2'")["category"].eq(
+        "Lighting").all()
+    for table, incremental_rows in inc_all.items():
+        pd.testing.assert_frame_equal(incremental_rows, _snapshot(warehouse, table), obj=table)
 
 
 FEATURE_SETS = {

@@ -29,3 +29,31 @@ from (
         _batch_id,
         _loaded_at
 {%- endmacro %}
+
+
+{#- Incremental staging: a raw table is append-only, so a staged row can only change when a new delivery of
+    its key arrives. In an incremental run keep just the raw rows whose key a delivery since the watermark
+    touched (all deliveries of those keys, so the ranking and the duplicate counts are recomputed whole);
+    the model's delete+insert on the key replaces them. The watermark looks back like the facts' does (a load
+    that began before the last run and committed after it carries an older _loaded_at). Keys are compared
+    after cleaning, as the dedup partitions them; rows with a null key part never match (staging drops them,
+    int_rows_rejected counts them from the raw table). Called inside `if is_incremental()` in the model (unit
+    tests override is_incremental only there). -#}
+{% macro touched_keys_filter(source_relation, key_expressions) -%}
+    where ({{ key_expressions | join(', ') }}) in (
+        select {{ key_expressions | join(', ') }}
+        from {{ source_relation }}
+        where _loaded_at > {{ delivery_watermark('_loaded_at') }}
+    )
+{%- endmacro %}
+
+
+{#- The newest load time already processed into this incremental model, minus the look-back. -#}
+{% macro delivery_watermark(column) -%}
+(
+    select coalesce(max({{ column }}), '-infinity'::timestamptz)
+        - interval '{{ var("incremental_lookback_hours") }} hours'
+    from {{ this }}
+)
+{%- endmacro %}
+

@@ -1,3 +1,9 @@
+{{ config(
+    materialized='incremental',
+    unique_key=['order_id', 'line_no'],
+    incremental_strategy='delete+insert',
+    on_schema_change='fail',
+) }}
 -- One row per order line with its order's customer, date and status and its product's category.
 -- line_amount is what the line says (negative for returned items); line_revenue is its contribution to net
 -- revenue (0 for sale lines of cancelled orders and of orders returned as a whole).
@@ -5,6 +11,18 @@ with
 
 order_lines as (
     select * from {{ ref('stg_crm__order_lines') }}
+    {%- if is_incremental() %}
+    -- only lines re-delivered since the watermark, or whose order (with its customer) or product was
+    where _loaded_at > {{ delivery_watermark('_source_loaded_at') }}
+       or order_id in (
+           select order_id from {{ ref('int_orders_validated') }}
+           where _source_loaded_at > {{ delivery_watermark('_source_loaded_at') }}
+       )
+       or product_id in (
+           select product_id from {{ ref('stg_crm__products') }}
+           where _loaded_at > {{ delivery_watermark('_source_loaded_at') }}
+       )
+    {%- endif %}
 ),
 
 orders as (

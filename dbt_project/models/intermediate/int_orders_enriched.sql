@@ -1,13 +1,36 @@
+{{ config(
+    materialized='incremental',
+    unique_key='order_id',
+    incremental_strategy='delete+insert',
+    on_schema_change='fail',
+) }}
 -- One row per order with its line totals. Gross revenue counts sale lines of orders that were not cancelled;
 -- returns are negative lines plus whole orders returned; net = gross - returns = sum of line_revenue.
 with
 
+{%- if is_incremental() %}
+-- only orders whose own row or any of whose lines changed since the watermark, recomputed from all their lines
+changed_orders as (
+    select order_id from {{ ref('int_orders_validated') }}
+    where _source_loaded_at > {{ delivery_watermark('_source_loaded_at') }}
+    union
+    select order_id from {{ ref('int_order_lines_enriched') }}
+    where _source_loaded_at > {{ delivery_watermark('_source_loaded_at') }}
+),
+{%- endif %}
+
 orders as (
     select * from {{ ref('int_orders_validated') }}
+    {%- if is_incremental() %}
+    where order_id in (select order_id from changed_orders)
+    {%- endif %}
 ),
 
 order_lines as (
     select * from {{ ref('int_order_lines_enriched') }}
+    {%- if is_incremental() %}
+    where order_id in (select order_id from changed_orders)
+    {%- endif %}
 ),
 
 line_totals as (

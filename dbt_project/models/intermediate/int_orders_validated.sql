@@ -1,8 +1,22 @@
+{{ config(
+    materialized='incremental',
+    unique_key='order_id',
+    incremental_strategy='delete+insert',
+    on_schema_change='fail',
+) }}
 -- One row per order with its customer's flags and the reason, if any, it must not reach the marts.
 with
 
 orders as (
     select * from {{ ref('stg_crm__orders') }}
+    {%- if is_incremental() %}
+    -- only orders re-delivered since the watermark, or whose customer was
+    where _loaded_at > {{ delivery_watermark('_source_loaded_at') }}
+       or customer_id in (
+           select customer_id from {{ ref('stg_crm__customers') }}
+           where _loaded_at > {{ delivery_watermark('_source_loaded_at') }}
+       )
+    {%- endif %}
 ),
 
 customers as (

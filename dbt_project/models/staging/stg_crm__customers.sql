@@ -1,8 +1,17 @@
+{{ config(
+    materialized='incremental',
+    unique_key='customer_id',
+    incremental_strategy='delete+insert',
+    on_schema_change='fail',
+) }}
 -- One row per customer id: the latest delivery, cleaned. Test accounts stay here, flagged; the marts drop them.
 with
 
 source as (
     select * from {{ source('crm', 'customers') }}
+    {%- if is_incremental() %}
+    {{ touched_keys_filter(source('crm', 'customers'), [clean_id('customer_id')]) }}
+    {%- endif %}
 ),
 
 cleaned as (

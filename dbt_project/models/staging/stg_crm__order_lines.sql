@@ -1,8 +1,17 @@
+{{ config(
+    materialized='incremental',
+    unique_key=['order_id', 'line_no'],
+    incremental_strategy='delete+insert',
+    on_schema_change='fail',
+) }}
 -- One row per order line (order_id, line_no): the latest delivery. Negative quantities are returns.
 with
 
 source as (
     select * from {{ source('crm', 'order_lines') }}
+    {%- if is_incremental() %}
+    {{ touched_keys_filter(source('crm', 'order_lines'), ["nullif(trim(order_id), '')", "line_no"]) }}
+    {%- endif %}
 ),
 
 cleaned as (

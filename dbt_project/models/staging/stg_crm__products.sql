@@ -1,8 +1,17 @@
+{{ config(
+    materialized='incremental',
+    unique_key='product_id',
+    incremental_strategy='delete+insert',
+    on_schema_change='fail',
+) }}
 -- One row per product id: the latest delivery, trimmed. `is_product` is false for fee and adjustment codes.
 with
 
 source as (
     select * from {{ source('crm', 'products') }}
+    {%- if is_incremental() %}
+    {{ touched_keys_filter(source('crm', 'products'), ["nullif(trim(product_id), '')"]) }}
+    {%- endif %}
 ),
 
 cleaned as (
