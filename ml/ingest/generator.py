@@ -21,6 +21,11 @@ Scale: customers are generated in fixed chunks of :data:`CHUNK_CUSTOMERS`, each 
 (``SeedSequence(seed).spawn``), so the output depends on the seed only, never on memory, and at most two
 chunks are alive at once. Everything is vectorised numpy / Arrow; each chunk is COPYed (by a writer thread,
 so PostgreSQL parses one chunk while numpy builds the next) inside the one batch transaction.
+
+Continuation (``append_days``): days after ``end_date`` are simulated from each customer's state at the end of
+the window (who is alive, purchases left before dropping out; BG/NBD is memoryless) and loaded one batch per
+day, so the window's rows never change and a warehouse holding N days gets only day N+1's rows. Generating
+the window and k days at once gives the same rows as generating the window and continuing it day by day.
 """
 
 from __future__ import annotations
