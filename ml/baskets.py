@@ -4,10 +4,15 @@ The maths only: pure functions and scikit-learn-style estimators over DataFrames
 structures. Reading ``marts.basket_lines`` and publishing rules live at the edges (ml/publish.py).
 
 Mining is delegated to Borgelt's compiled miners (PyPI ``pyfim``: FP-Growth, Apriori, Eclat). We
-feed them integer-coded transactions (one short list per basket), never a dense baskets x items
+feed them one short list per basket (integer codes for basket lines; the caller's own lists for raw
+transactions, which the miner hashes in C, so no second copy is made), never a dense baskets x items
 matrix, and before materialising any itemset we ask the miner for the *pattern spectrum* (how many
 itemsets of each size and support exist — counts only, constant memory), so a threshold that would
 produce millions of itemsets fails with the count and a workable threshold instead of exhausting RAM.
+That guard is a second pass of the miner: it is most of the difference from a bare pyfim call.
+
+The import path is kept lean (numpy and pandas; no scikit-learn, scipy only for the sparse matrix
+helper): the FIMI benchmark process otherwise holds ~290 MB before mining starts.
 
 Support thresholds are fractions of baskets and inclusive: an itemset is frequent when it occurs in
 at least ``ceil(min_support * n_baskets)`` baskets (the same convention as mlxtend, and the one under
@@ -17,16 +22,22 @@ included).
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import gc
+import inspect
 import itertools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
-from sklearn.base import BaseEstimator
 
 from ml.errors import CrmError
+
+if TYPE_CHECKING:  # scipy only for the sparse matrix helper: importing it costs ~40 MB the miner never uses
+    import scipy.sparse as sp
 
 ALGORITHMS = ("fpgrowth", "apriori", "eclat")
 LEVELS = ("product", "category")
@@ -57,6 +68,32 @@ class NoFrequentItemsets(BasketError):
 
 class TooManyItemsets(BasketError):
     """The support threshold would produce more itemsets than the configured cap."""
+
+
+class _Params:
+    """``get_params`` / ``set_params`` / repr like scikit-learn's ``BaseEstimator`` (so ``sklearn.clone``
+    works), without importing scikit-learn and scipy: they are ~80 MB of the miner's process otherwise
+    (bench bound 7). Parameters are the ``__init__`` arguments, stored under the same names."""
+
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def set_params(self, **params: Any) -> _Params:
+        unknown = set(params) - set(self._param_names())
+        if unknown:
+            raise ValueError(f"invalid parameter(s) {sorted(unknown)} for {type(self).__name__}")
+        for name, value in params.items():
+            setattr(self, name, value)
+        return self
+
+    def __repr__(self) -> str:
+        defaults = {n: p.default for n, p in inspect.signature(type(self).__init__).parameters.items()}
+        changed = [f"{k}={v!r}" for k, v in self.get_params().items() if defaults.get(k) != v]
+        return f"{type(self).__name__}({', '.join(changed)})"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -102,16 +139,34 @@ def encode_baskets(lines: pd.DataFrame, level: str = "product") -> tuple[pd.Inde
 
 def basket_item_matrix(lines: pd.DataFrame, level: str = "product") -> tuple[sp.csr_matrix, pd.Index, pd.Index]:
     """Boolean sparse baskets x items matrix (CSR) with its row and column labels."""
+    import scipy.sparse as sp
+
     baskets, items, b, i = encode_baskets(lines, level)
     m = sp.csr_matrix((np.ones(len(b), dtype=np.float32), (b, i)), shape=(len(baskets), len(items)))
     return m, baskets, items
 
 
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector while building ~100k lists (or millions of result tuples):
+    none of them can form a cycle, yet every 700 allocations would trigger a collection that walks
+    them all again (0.2 s of 0.25 s for the FIMI file's transactions)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _transactions_from_codes(basket_codes: np.ndarray, item_codes: np.ndarray) -> list[list[int]]:
-    # one tolist() and plain list slices: far cheaper than 100k small numpy arrays
+    # one tolist() and plain list slices: far cheaper than 100k small numpy arrays (which pyfim
+    # cannot read anyway: it crashes on numpy arrays as transactions)
     bounds = np.concatenate([[0], np.flatnonzero(np.diff(basket_codes)) + 1, [len(item_codes)]]).tolist()
     flat = item_codes.tolist()
-    return [flat[a:b] for a, b in itertools.pairwise(bounds)]
+    with _no_gc():
+        return [flat[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def _encode_transactions(transactions: Iterable[Sequence]) -> tuple[pd.Index, np.ndarray, np.ndarray]:
@@ -152,15 +207,17 @@ def min_count(min_support: float, n_baskets: int) -> int:
     return max(1, math.ceil(round(min_support * n_baskets, 9)))
 
 
-class FrequentItemsets(BaseEstimator):
+class FrequentItemsets(_Params):
     """Frequent itemsets of baskets (FP-Growth by default; Apriori and Eclat give identical sets).
 
     ``fit`` takes basket lines (a DataFrame with ``basket_id``/``order_id`` and ``product_id`` — or
-    ``category`` at ``level='category'``) or an iterable of transactions (lists of item labels).
+    ``category`` at ``level='category'``) or an iterable of transactions (lists of item labels; items
+    are compared as given and reported as text, so give one type of label per item).
 
     Learned: ``itemsets_`` DataFrame[itemset (tuple of item labels, sorted), length, count, support],
-    ``n_baskets_``, ``items_`` (the item labels), ``item_counts_`` (baskets per item, aligned to
-    ``items_``), ``codes_`` (itemsets as tuples of integer codes into ``items_``; used by the rules).
+    sorted by length, then count (descending), then the itemset; ``n_baskets_``; ``items_`` (the labels
+    of the frequent items, sorted); ``item_counts_`` (baskets per frequent item, aligned to ``items_``);
+    ``codes_`` (itemsets as tuples of integer codes into ``items_``; used by the rules).
     """
 
     def __init__(
@@ -183,53 +240,106 @@ class FrequentItemsets(BaseEstimator):
             raise BasketError(f"max_len must be at least 1 (or None for no limit), got {self.max_len}")
         if isinstance(baskets, pd.DataFrame):
             _, items, b, i = encode_baskets(baskets, self.level)
+            tx, labels = _transactions_from_codes(b, i), items.to_numpy()
         else:
-            items, b, i = _encode_transactions(baskets)
-        tx = _transactions_from_codes(b, i)
-        n = len(tx)
-        count = min_count(self.min_support, n)
-        item_counts = np.bincount(i, minlength=len(items))
-        zmax = self.max_len if self.max_len is not None else -1
-        # pyfim reports nothing when an item is in *every* transaction (e.g. one-item data); one empty
-        # transaction avoids that and changes no absolute count (supports below divide by the real n)
-        tx = [*tx, []]
-        if item_counts.max() < count:
-            best = int(item_counts.max())
-            raise NoFrequentItemsets(
-                f"no frequent itemsets at min_support={self.min_support} ({count} of {n:,} baskets): "
-                f"the most frequent item is in {best:,} baskets ({best / n:.4%}); "
-                f"lower min_support to at most {best / n:.6f}"
-            )
-        # pattern spectrum first: counts only, so an explosive threshold cannot exhaust memory
-        spectrum = mine(tx, target="s", supp=-count, zmin=1, zmax=zmax, report="#")
-        total = int(sum(spectrum.values()))
-        if total > self.max_itemsets:
-            raise TooManyItemsets(
-                f"min_support={self.min_support} ({count} of {n:,} baskets) gives {total:,} frequent "
-                f"itemsets, more than max_itemsets={self.max_itemsets:,}; raise min_support to at least "
-                f"{_support_for_cap(spectrum, self.max_itemsets, n):.6f} or set max_len "
-                "(or raise max_itemsets if you have the memory)"
-            )
-        found = mine(tx, target="s", supp=-count, zmin=1, zmax=zmax, report="a")
-        codes = [tuple(sorted(s)) for s, _ in found]
-        counts = np.fromiter((c for _, c in found), dtype=np.int64, count=len(found))
-        labels = items.to_numpy()
-        frame = pd.DataFrame(
-            {
-                "itemset": [tuple(labels[list(c)]) for c in codes],
-                "length": np.fromiter((len(c) for c in codes), dtype=np.int64, count=len(codes)),
-                "count": counts,
-                "support": counts / n,
-            }
-        )
-        order = np.lexsort((-frame["count"].to_numpy(), frame["length"].to_numpy()))
-        self.itemsets_ = frame.iloc[order].reset_index(drop=True)
-        self.codes_ = [codes[k] for k in order]
+            # The caller's transactions go to the C miner as they are: no encoding pass and no second
+            # copy of them (the FIMI file is ~70 MB of Python lists already). The miner hashes items
+            # itself and drops duplicates inside a basket.
+            tx = baskets if isinstance(baskets, list) else list(baskets)
+            labels = None
+        n = len(tx) - list(map(len, tx)).count(0)  # empty baskets are not baskets
+        if n == 0:
+            raise BasketError("no baskets to mine: every transaction is empty")
+        found, count = self._mine(mine, tx, n)
+        built = _itemset_frame(found, labels, n)
+        if built is None:
+            # Non-text items (e.g. integers) are reported as text, so 1 and "1" must be one item: encode
+            # them first (exact, slower; the usual inputs are text).
+            items, b, i = _encode_transactions(tx)
+            tx, labels = _transactions_from_codes(b, i), items.to_numpy()
+            found, count = self._mine(mine, tx, n)
+            built = _itemset_frame(found, labels, n)
+        frame, codes, items, item_counts = built
+        self.itemsets_ = frame
+        self.codes_ = codes
         self.n_baskets_ = n
         self.min_count_ = count
         self.items_ = items
         self.item_counts_ = item_counts
         return self
+
+    def _mine(self, mine, tx: list, n: int) -> tuple[list, int]:
+        """pyfim's ``(itemset, count)`` pairs at the threshold, after the pattern-spectrum guard."""
+        count = min_count(self.min_support, n)
+        zmax = self.max_len if self.max_len is not None else -1
+        # pyfim reports nothing when an item is in *every* transaction (e.g. one-item data); one empty
+        # transaction avoids that and changes no absolute count (supports divide by the real n)
+        tx = [*tx, []]
+        with _no_gc():
+            # pattern spectrum first: counts only, so an explosive threshold cannot exhaust memory
+            spectrum = mine(tx, target="s", supp=-count, zmin=1, zmax=zmax, report="#")
+            if not spectrum:
+                best = _most_frequent_item_count(tx)
+                raise NoFrequentItemsets(
+                    f"no frequent itemsets at min_support={self.min_support} ({count} of {n:,} baskets): "
+                    f"the most frequent item is in {best:,} baskets ({best / n:.4%}); "
+                    f"lower min_support to at most {best / n:.6f}"
+                )
+            total = int(sum(spectrum.values()))
+            if total > self.max_itemsets:
+                raise TooManyItemsets(
+                    f"min_support={self.min_support} ({count} of {n:,} baskets) gives {total:,} frequent "
+                    f"itemsets, more than max_itemsets={self.max_itemsets:,}; raise min_support to at least "
+                    f"{_support_for_cap(spectrum, self.max_itemsets, n):.6f} or set max_len "
+                    "(or raise max_itemsets if you have the memory)"
+                )
+            return mine(tx, target="s", supp=-count, zmin=1, zmax=zmax, report="a"), count
+
+
+def _most_frequent_item_count(tx: list) -> int:
+    """Baskets of the most frequent item (only for the error message when nothing is frequent)."""
+    counts = collections.Counter(itertools.chain.from_iterable(map(set, tx)))
+    return max(counts.values(), default=0)
+
+
+def _itemset_frame(found: list, labels: np.ndarray | None, n: int):
+    """pyfim's ``(itemset, count)`` pairs -> (itemsets_ frame, codes_, items_, item_counts_).
+
+    Works on one flat array of the reported items (output-sized, vectorised): items are re-coded
+    0..k-1 in label order over the *frequent* items only, each itemset's codes sorted in a padded
+    (itemsets x longest) matrix, and the rows put in a total order (length, -count, items) so that
+    ties come out the same whatever order the miner reported them in. ``labels`` maps the miner's
+    items (integer codes) to labels; without it the items are the labels and must be text: returns
+    None when they are not, for the caller to encode them.
+    """
+    lengths = np.fromiter((len(s) for s, _ in found), dtype=np.int64, count=len(found))
+    counts = np.fromiter((c for _, c in found), dtype=np.int64, count=len(found))
+    flat = np.fromiter(itertools.chain.from_iterable(s for s, _ in found), dtype=object, count=int(lengths.sum()))
+    if labels is not None:  # the miner saw integer codes into labels
+        flat = labels[flat.astype(np.int64)]
+    codes, items = pd.factorize(flat, sort=True)
+    if labels is None and not all(isinstance(item, str) for item in items):  # distinct items: output-sized
+        return None
+    width = int(lengths.max())
+    sentinel = np.iinfo(np.int64).max  # sorts after every code, so each row's codes lead it
+    pad = np.full((len(found), width), sentinel, dtype=np.int64)
+    rows = np.repeat(np.arange(len(found)), lengths)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    pad[rows, np.arange(len(codes)) - np.repeat(starts, lengths)] = codes
+    pad.sort(axis=1)
+    order = np.lexsort([*(pad[:, j] for j in range(width - 1, -1, -1)), -counts, lengths])
+    pad, lengths, counts = pad[order], lengths[order], counts[order]
+    names = np.asarray(items, dtype=object)
+    label_pad = names[np.where(pad == sentinel, 0, pad)]
+    with _no_gc():
+        code_rows, label_rows, sizes = pad.tolist(), label_pad.tolist(), lengths.tolist()
+        codes_ = [tuple(r[:k]) for r, k in zip(code_rows, sizes, strict=True)]
+        itemsets = [tuple(r[:k]) for r, k in zip(label_rows, sizes, strict=True)]
+    frame = pd.DataFrame({"itemset": itemsets, "length": lengths, "count": counts, "support": counts / n})
+    singles = lengths == 1
+    item_counts = np.zeros(len(names), dtype=np.int64)
+    item_counts[pad[singles, 0]] = counts[singles]
+    return frame, codes_, pd.Index(names), item_counts
 
 
 def _support_for_cap(spectrum: dict, cap: int, n_baskets: int) -> float:
@@ -244,7 +354,7 @@ def _support_for_cap(spectrum: dict, cap: int, n_baskets: int) -> float:
 # association rules
 
 
-class AssociationRules(BaseEstimator):
+class AssociationRules(_Params):
     """Single-consequent rules ``antecedent -> consequent`` from fitted :class:`FrequentItemsets`.
 
     Metrics per rule: support (of antecedent + consequent), confidence, lift, leverage, conviction
