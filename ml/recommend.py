@@ -867,11 +867,32 @@ class HybridRecommender(BaseRecommender):
             self._learn_weights(comps, lines, products)
         self.fitted_components_ = {k: clone(c).fit(lines, products) for k, c in comps.items()}
         super().fit(lines, products)
+        self._share_indexes()
         return self
+
+    def _share_indexes(self) -> None:
+        """Point the components at the hybrid's own customer/item indexes and matrices where equal.
+
+        Fitted on the same lines, the six models hold six equal copies of the customer index and the
+        customer x item matrices (hundreds of MB each at 1M customers); one shared object is kept in
+        memory once and pickled once into the model artifact.
+        """
+        for comp in self.fitted_components_.values():
+            if not (comp.customers_.equals(self.customers_) and comp.items_.equals(self.items_)):
+                continue
+            comp.customers_, comp.items_ = self.customers_, self.items_
+            for name in ("history_", "recent_"):
+                mine, theirs = getattr(self, name), getattr(comp, name)
+                if mine.shape == theirs.shape and mine.dtype == theirs.dtype and (mine != theirs).nnz == 0:
+                    setattr(comp, name, mine)
 
     def _fit_model(self):
         # the components carry the models; the base class only indexes customers/items for the blend
         self.item_maps_ = {k: c.items_.get_indexer(self.items_) for k, c in self.fitted_components_.items()}
+        # components over the very same items need no column remapping of each chunk
+        self.same_items_ = {k: len(c.items_) == len(self.items_) and bool((cols == np.arange(len(cols))).all())
+                            for (k, c), cols in zip(self.fitted_components_.items(), self.item_maps_.values(),
+                                                    strict=True)}
         self.row_maps_ = {k: c.customers_ for k, c in self.fitted_components_.items()}
 
     def _bounded_history(self, history: pd.DataFrame, keep: pd.Index) -> pd.DataFrame:
@@ -939,6 +960,12 @@ class HybridRecommender(BaseRecommender):
             **{f"basket_hit_rate_{k}": _hit_rate(matrices[k], truth, self.n) for k in names},
         })
 
+    def _component_inputs(self, k, comp, history, recent):
+        if self.__dict__.get("same_items_", {}).get(k):
+            return sp.csr_matrix(history), sp.csr_matrix(recent)
+        cols = self.item_maps_[k]
+        return _remap_columns(history, cols, len(comp.items_)), _remap_columns(recent, cols, len(comp.items_))
+
     def _component_rows(self, comp, rows):
         """The hybrid's customer rows as a component's rows (-1 where a customer is unknown to either)."""
         if rows is None:
@@ -954,12 +981,15 @@ class HybridRecommender(BaseRecommender):
             w = weights_for_row(k)
             if not (w > 0).any():
                 continue  # a component the blend does not use costs nothing
-            cols = self.item_maps_[k]
-            h = _remap_columns(history, cols, len(comp.items_))
-            r = _remap_columns(recent, cols, len(comp.items_))
-            s = np.zeros_like(total)
-            ok = cols >= 0
-            s[:, ok] = np.maximum(comp._scores(h, r, self._component_rows(comp, rows))[:, cols[ok]], 0)
+            h, r = self._component_inputs(k, comp, history, recent)
+            raw = comp._scores(h, r, self._component_rows(comp, rows))
+            if self.__dict__.get("same_items_", {}).get(k):
+                s = np.maximum(raw, 0)
+            else:
+                cols = self.item_maps_[k]
+                s = np.zeros_like(total)
+                ok = cols >= 0
+                s[:, ok] = np.maximum(raw[:, cols[ok]], 0)
             s = _normalise_rows_max(s) * w[:, None]
             parts[k] = s
             total += s
@@ -996,8 +1026,7 @@ class HybridRecommender(BaseRecommender):
             comp = self.fitted_components_[k]
             cols = self.item_maps_[k]
             # every row, so the component's memo of the scoring pass (neighbours, fired rules) is reused
-            h = _remap_columns(history, cols, len(comp.items_))
-            r = _remap_columns(recent, cols, len(comp.items_))
+            h, r = self._component_inputs(k, comp, history, recent)
             comp_picks = np.maximum(cols[picks], 0)
             reasons = np.asarray(comp._reasons(h, r, self._component_rows(comp, rows), comp_picks, picked_scores),
                                  dtype=object)
