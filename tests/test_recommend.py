@@ -197,3 +197,22 @@ def test_hybrid_learns_a_separate_blend_for_basket_requests_and_uses_it_for_bask
     assert plain["reason"].str.startswith("popular item").all()
     fired = with_basket[with_basket["method"] == "hybrid"]
     assert len(fired) and fired["reason"].str.startswith("bought together with").all()
+
+
+def test_scoring_from_newer_lines_uses_the_fitted_model_and_the_new_purchases(sliced):
+    """Score-only nights: the fitted model as it is, each customer's history from today's lines."""
+    lines, products = sliced
+    model = HybridRecommender(weights={"popularity_recent": 0.5, "item_knn": 1.0, "content": 0.5, "rules": 1.0,
+                                       "user_knn": 1.0}).fit(lines, products)
+    customers = sorted(lines["customer_id"].unique())[:60]
+    same = model.recommend_from_lines(lines[lines["customer_id"].isin(customers)])
+    pd.testing.assert_frame_equal(same, model.recommend(customers))  # same lines: the same answer
+    # a purchase made after fitting: not offered again, and the ranking changes around it
+    customer = customers[0]
+    new_item = same.loc[same["customer_id"] == customer, "product_id"].iloc[0]
+    today = pd.concat([lines, pd.DataFrame({"basket_id": ["NEW-BASKET"], "customer_id": [customer],
+                                            "product_id": [new_item], "ordered_at": [lines["ordered_at"].max()]})],
+                      ignore_index=True)
+    after = model.recommend_from_lines(today, customer_ids=[customer, "C-NEW"])
+    assert new_item not in set(after.loc[after["customer_id"] == customer, "product_id"])
+    assert after.loc[after["customer_id"] == "C-NEW", "rank"].tolist() == list(range(1, 11))  # no lines: still 10
