@@ -17,6 +17,10 @@ One call, one MLflow parent run (experiment ``baskets``)::
 6. publish ``ml.association_rules`` and ``ml.product_recommendations`` (recommendations of the model that
    is champion after the decision), citing the run id that already exists in the store.
 
+``score_baskets(settings, as_of=...)`` is the score-only path of the incremental night: no mining, no
+evaluation, no new model version; the registered champion scores today's customers from today's lines and
+``ml.product_recommendations`` is published citing a small ``kind=scoring`` run and the champion's version.
+
 Why the champion is re-scored as a *recipe* (its estimator's parameters refitted under the protocol) and
 not as its frozen fitted state: the frozen model has seen today's hidden last orders when its as_of is
 today's (a rerun), and excluding bought items would then hide exactly the targets; refitting on the same
@@ -66,6 +70,7 @@ PROMOTION_METRIC = "hit_rate_at_10"
 RULE_COLUMNS = ["level", "antecedent", "consequent", "antecedent_names", "consequent_name", "antecedent_len",
                 "support", "confidence", "lift", "leverage", "conviction", "antecedent_support",
                 "consequent_support", "n_baskets_with_rule", "rule_text"]
+EVAL_MAX_CUSTOMERS = 20_000  # customers ranked per candidate under the protocol (bounded at 1M; see evaluation)
 RECOMMENDATION_COLUMNS = ["customer_id", "rank", "product_id", "product_name", "score", "method", "reason",
                           "recommender"]
 
@@ -247,6 +252,38 @@ def _loggable_params(model: BaseRecommender) -> dict[str, Any]:
     return params
 
 
+def _same_recipe(a: Any, b: Any) -> bool:
+    """Same estimator class and the same parameters, nested estimators compared the same way."""
+    if isinstance(a, BaseRecommender) or isinstance(b, BaseRecommender):
+        if type(a) is not type(b):
+            return False
+        try:
+            pa, pb = a.get_params(deep=False), b.get_params(deep=False)
+        except AttributeError:  # a model pickled by an older version of its class: not comparable
+            return False
+        return pa.keys() == pb.keys() and all(_same_recipe(pa[k], pb[k]) for k in pa)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_recipe(a[k], b[k]) for k in a)
+    if isinstance(a, pd.DataFrame) or isinstance(b, pd.DataFrame):
+        return isinstance(a, pd.DataFrame) and isinstance(b, pd.DataFrame) and a.equals(b)
+    try:
+        return bool(a == b)
+    except (TypeError, ValueError):
+        return False
+
+
+def _log_blend(fitted: BaseRecommender) -> None:
+    """A hybrid's learned blends and their validation metrics (next order, cold customers, basket completion)."""
+    validation = getattr(fitted, "validation_", None)
+    if not validation:
+        return
+    mlflow.log_metrics({f"blend_{k}": float(v) for k, v in validation.items() if np.isfinite(float(v))})
+    for label, attr in (("next_order", "weights_"), ("cold", "cold_weights_"), ("basket", "basket_weights_")):
+        weights = getattr(fitted, attr, None)
+        if weights:
+            mlflow.log_param(f"blend_weights_{label}", ",".join(f"{k}={v:g}" for k, v in weights.items()))
+
+
 def _metrics_chart(metrics: pd.DataFrame):
     import matplotlib
 
@@ -354,7 +391,8 @@ def train_baskets(
         for name, model in candidates.items():
             with registry.child_run(name, tags={"recommender": name}):
                 mlflow.log_params({"recommender": name, **_loggable_params(model)})
-                scores = evaluate_recommender(model, customer_lines, k=10, products=products)
+                scores = evaluate_recommender(model, customer_lines, k=10, products=products,
+                                              max_customers=EVAL_MAX_CUSTOMERS)
                 mlflow.log_metrics({k: float(v) for k, v in scores.items()})
                 rows[name] = scores
         metrics = pd.DataFrame.from_dict(rows, orient="index")
@@ -374,6 +412,7 @@ def train_baskets(
         started = time.perf_counter()
         fitted = clone(candidates[challenger]).fit(customer_lines, products)
         timings["fit_challenger"] = time.perf_counter() - started
+        _log_blend(fitted)
         example_customer = str(fitted.customers_[0])
         example_basket = [str(p) for p in rules["product"]["antecedent"].iloc[0]]
         info = log_recommender(fitted, recommender_name=challenger, registered_model_name=model_name,
@@ -382,7 +421,12 @@ def train_baskets(
 
         def rescore(uri: str) -> float:
             recipe = fitted_recommender(mlflow.pyfunc.load_model(uri))
-            return float(evaluate_recommender(clone(recipe), customer_lines, k=10, products=products)[PROMOTION_METRIC])
+            if _same_recipe(recipe, candidates[challenger]):
+                # the protocol is deterministic: the same recipe on the same lines scores what it just scored
+                # (saves refitting the champion at 1M customers on most nights)
+                return challenger_score
+            return float(evaluate_recommender(clone(recipe), customer_lines, k=10, products=products,
+                                              max_customers=EVAL_MAX_CUSTOMERS)[PROMOTION_METRIC])
 
         decision = registry.decide_promotion(
             model_name, version, challenger_score=challenger_score, score_fn=rescore, greater_is_better=True,
@@ -430,4 +474,94 @@ def train_baskets(
         promotion_reason=decision.reason, published_model_version=published_version, metrics=metrics,
         rules=rules, n_itemsets=n_itemsets, n_baskets=n_baskets, n_customers=n_customers, reports=reports,
         seconds=timings,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Score-only: today's customers with the champion, no retraining (the incremental night)
+# ---------------------------------------------------------------------------------------------------------
+def score_baskets(
+    settings: Settings,
+    *,
+    as_of: dt.date,
+    orchestrator_run_id: str | None = None,
+    n_recommendations: int = 10,
+    model_name: str = MODEL_NAME,
+    experiment_name: str = EXPERIMENT,
+) -> BasketTrainingResult:
+    """Publish ``ml.product_recommendations`` for ``as_of`` from the registered champion, without retraining.
+
+    The champion's fitted state (similarities, rules, neighbour pool, blends) is used as it is; each
+    customer's history and recent baskets are read from today's ``marts.basket_lines``
+    (``recommend_from_lines``), so what a customer bought since the champion was trained is not offered
+    again and fires its rules. One lightweight MLflow run (tags ``kind=scoring``, ``as_of``,
+    ``champion_version``, orchestrator run id) is what the published rows cite, with the champion's version.
+
+    ``ml.association_rules`` is carried over, not re-mined: mining is the costly, data-sized part of the
+    basket family (a full pass of FP-Growth over every basket), rules move slowly from one day to the next,
+    and the champion's rule-based scores and reasons come from the rules it was trained with — freshly
+    mined rules the champion does not use would make the table disagree with the recommendations.
+    The table keeps the as_of and run of the last training night.
+
+    Raises :class:`ml.errors.CrmError` when ``model_name`` has no champion (run the training night first).
+    """
+    from ml.errors import CrmError
+
+    if isinstance(as_of, dt.datetime) or not isinstance(as_of, dt.date):
+        raise BasketError(f"as_of must be a datetime.date, got {as_of!r}")
+    timings: dict[str, float] = {}
+    registry.configure(settings)
+    champion = registry.champion_version(model_name)
+    if champion is None:
+        raise CrmError(f"no champion recommender to score with: {model_name!r} has no @champion version in "
+                       "the MLflow registry; run the full nightly (train_baskets) first")
+    started = time.perf_counter()
+    lines, _ = read_basket_marts(settings, as_of)
+    customer_lines = lines[lines["customer_id"].notna()]
+    if customer_lines.empty:
+        raise RecommenderError("no basket line has a customer: recommendations need known customers")
+    timings["read_marts"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    loaded = mlflow.pyfunc.load_model(f"models:/{model_name}/{champion}")
+    serving = fitted_recommender(loaded)
+    serving_name = loaded.unwrap_python_model().recommender_name
+    timings["load_champion"] = time.perf_counter() - started
+
+    mlflow.set_experiment(experiment_id=registry.experiment(experiment_name))
+    with registry.parent_run(experiment_name, as_of=as_of, run_name=f"baskets scoring {as_of.isoformat()}",
+                             orchestrator_run_id=orchestrator_run_id,
+                             tags={"family": "baskets", "kind": "scoring", "champion_version": champion,
+                                   "recommender": serving_name}) as run:
+        run_id = run.info.run_id
+        started = time.perf_counter()
+        recs = serving.recommend_from_lines(customer_lines, n=n_recommendations)
+        recs = recs.assign(
+            product_name=pd.Series(serving.names_, index=serving.items_).reindex(recs["product_id"]).to_numpy(),
+            recommender=serving_name,
+        )[RECOMMENDATION_COLUMNS]
+        recs["rank"] = recs["rank"].astype(np.int64)
+        timings["recommend_all"] = time.perf_counter() - started
+        n_customers = int(customer_lines["customer_id"].nunique())
+        n_baskets = int(customer_lines["basket_id"].nunique())
+        known = int((serving.customers_.get_indexer(pd.Index(customer_lines["customer_id"].unique())) >= 0).sum())
+        mlflow.log_params({"as_of": as_of.isoformat(), "model_name": model_name, "champion_version": champion,
+                           "n_recommendations": n_recommendations})
+        mlflow.log_metrics({"n_customers": n_customers, "n_customers_known_to_champion": known,
+                            "n_basket_lines": len(customer_lines), "n_recommendations": len(recs),
+                            **{f"{k}_seconds": v for k, v in timings.items()}})
+        registry.require_run(run_id)
+        reports = {"product_recommendations": publish(
+            settings, "product_recommendations", recs, as_of=as_of, run_id=run_id, model_name=model_name,
+            model_version=champion, key_columns=["customer_id", "rank"])}
+        mlflow.set_tags({"published": "ml.product_recommendations", "published_model_version": champion,
+                         "association_rules": "carried over from the last training run"})
+        experiment_id = run.info.experiment_id
+
+    return BasketTrainingResult(
+        as_of=as_of, run_id=run_id, experiment_id=experiment_id, model_name=model_name, model_version=champion,
+        challenger=serving_name, champion_version=champion, promoted=False,
+        promotion_reason=f"scored with champion {model_name} v{champion} ({serving_name}); no retraining",
+        published_model_version=champion, metrics=pd.DataFrame(columns=list(METRICS)), rules={}, n_itemsets={},
+        n_baskets=n_baskets, n_customers=n_customers, reports=reports, seconds=timings,
     )

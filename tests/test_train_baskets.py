@@ -16,9 +16,18 @@ from mlflow import MlflowClient
 
 from ml import registry
 from ml.baskets import BasketError, NoFrequentItemsets, TooManyItemsets
+from ml.errors import CrmError
 from ml.ingest.generator import GeneratorParams, generate
 from ml.publish import content_checksum, current_as_of
-from ml.train_baskets import EXPERIMENT, METRICS, MODEL_NAME, build_basket_marts, train_baskets
+from ml.train_baskets import (
+    EXPERIMENT,
+    METRICS,
+    MODEL_NAME,
+    BasketTrainingResult,
+    build_basket_marts,
+    score_baskets,
+    train_baskets,
+)
 from ml.warehouse import connect, create_database, drop_database, init_schemas, read_table
 
 GENERATED = GeneratorParams(customers=1500, days=730, seed=7)
@@ -171,3 +180,44 @@ def test_bad_input_fails_clearly_before_any_run_or_publish(built):
     with connect(settings) as conn:
         assert current_as_of(conn, "product_recommendations") == published_before
         assert content_checksum(conn, "association_rules") == checksum_before
+
+
+def test_score_only_publishes_the_champions_recommendations_without_retraining(built):
+    """The incremental night's path: today's customers scored by the registered champion, no new version."""
+    settings, first = built
+    registry.configure(settings)
+    client = MlflowClient()
+    champion = str(client.get_model_version_by_alias(MODEL, "champion").version)
+    versions_before = {v.version for v in client.search_model_versions(f"name = '{MODEL}'")}
+
+    scored = score_baskets(settings, as_of=AS_OF, orchestrator_run_id="manual__score_only", model_name=MODEL)
+
+    assert isinstance(scored, BasketTrainingResult)
+    assert not scored.promoted and scored.promotion_reason.startswith("scored with champion")
+    assert scored.model_version == scored.published_model_version == scored.champion_version == champion
+    assert {v.version for v in client.search_model_versions(f"name = '{MODEL}'")} == versions_before
+    run = client.get_run(scored.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["kind"] == "scoring"
+    assert run.data.tags["as_of"] == AS_OF.isoformat()
+    assert run.data.tags["champion_version"] == champion
+    assert run.data.tags[registry.TAG_ORCHESTRATOR_RUN] == "manual__score_only"
+    with connect(settings) as conn:
+        meta = conn.execute("select distinct mlflow_run_id, model_name, model_version, as_of "
+                            "from ml.product_recommendations").fetchall()
+        recs = read_table(conn, "ml.product_recommendations")
+        bought = read_table(conn, "marts.basket_lines")[["customer_id", "product_id"]].dropna().drop_duplicates()
+        rules_run = conn.execute("select distinct mlflow_run_id from ml.association_rules").fetchall()
+    assert meta == [(scored.run_id, MODEL, champion, AS_OF)]
+    assert rules_run != [(scored.run_id,)]  # rules carried over from the training run, not re-mined
+    assert recs["customer_id"].nunique() == scored.n_customers == first.n_customers
+    # sorted: a table read without ORDER BY comes back in whatever order the replaced table holds
+    assert recs.groupby("customer_id")["rank"].agg(sorted).map(lambda r: r == list(range(1, 11))).all()
+    assert recs["reason"].str.len().gt(0).all()
+    assert recs.merge(bought, on=["customer_id", "product_id"]).empty
+
+
+def test_score_only_without_a_champion_is_a_clear_error(built):
+    settings, _ = built
+    with pytest.raises(CrmError, match=r"no champion recommender.*has no @champion"):
+        score_baskets(settings, as_of=AS_OF, model_name=f"{MODEL}_never_trained")
