@@ -131,9 +131,12 @@ def _generate(settings: Settings, args) -> int:
     params = GeneratorParams(customers=args.customers, days=args.days, seed=args.seed, end_date=args.end_date,
                              append_days=args.append_days)
     started = time.perf_counter()
+    reports = []  # the window's batch, then one per appended day
     with connect(settings) as conn:
-        report = generate(conn, params)
-    _print_report(report, time.perf_counter() - started)
+        generate(conn, params, reports=reports)
+    for report in reports:
+        print(report.summary())
+    print(f"  took {time.perf_counter() - started:.1f} s")
     return 0
 
 

@@ -264,6 +264,7 @@ def generate(
     *,
     timings: dict[str, float] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    reports: list[LoadReport] | None = None,
 ) -> LoadReport:
     """Generate a CRM into the raw layer as one atomic, idempotent load batch, with its planted truth.
 
@@ -274,6 +275,7 @@ def generate(
     With ``append_days = k`` the window's batch is followed by one batch per day after ``end_date`` (a
     batch already loaded is skipped, as always), and the report of the last day's batch is returned: on a
     warehouse that already holds the window (or its first days), only the missing days are generated.
+    ``reports`` (optional) receives every batch's report, the window's first.
     """
     params.validate()
     canonical = params.canonical()
@@ -299,6 +301,8 @@ def generate(
         primary_table="raw.order_lines",
         fill=fill,
     )
+    reports = reports if reports is not None else []
+    reports.append(report)
     family = [report.batch_id or report.already_loaded_as]  # the batches this continuation builds on
     for day in range(1, params.append_days + 1):
         date_of_day = params.resolved_end_date + timedelta(days=day)
@@ -314,6 +318,7 @@ def generate(
             primary_table="raw.order_lines",
             fill=fill_day,
         )
+        reports.append(report)
         family.append(report.batch_id or report.already_loaded_as)
     return report
 
