@@ -53,8 +53,6 @@ order_summary as (
         min(orders.order_date) filter (where orders.is_purchase) as first_purchase_date,
         max(orders.order_date) filter (where orders.is_purchase) as last_purchase_date,
         count(*) filter (where orders.is_purchase) as n_orders,
-        -- purchase occasions: several orders on one day are one (BG/NBD's frequency counts repeat days)
-        count(distinct orders.order_date) filter (where orders.is_purchase) as n_purchase_days,
         sum(orders.gross_revenue) as gross_spend,
         sum(orders.return_value) as return_value,
         sum(orders.net_revenue) as net_revenue,
@@ -67,6 +65,81 @@ order_summary as (
         cutoffs.feature_cutoff_date,
         orders.customer_id
     having count(*) filter (where orders.is_purchase) > 0
+),
+
+-- Distinct counts per cut-off without count(distinct): PostgreSQL sorts the whole (cut-offs × rows) set for a
+-- count(distinct) but hash-aggregates a plain count, so the distinct items are collapsed once, with the date
+-- each was first seen, and counted per cut-off.
+-- Purchase occasions: several orders on one day are one (BG/NBD's frequency counts repeat days).
+purchase_days as (
+    select
+        cutoffs.snapshot,
+        days.customer_id,
+        count(*) as n_purchase_days
+    from cutoffs
+    inner join (
+        select distinct customer_id, order_date
+        from orders
+        where is_purchase
+    ) as days
+        on days.order_date <= cutoffs.feature_cutoff_date
+    group by
+        cutoffs.snapshot,
+        days.customer_id
+),
+
+-- first purchase of each product (and so of its category) by each customer
+customer_products as (
+    select
+        customer_id,
+        product_id,
+        category,
+        min(order_date) as first_date
+    from order_lines
+    where customer_id is not null
+      and quantity > 0
+      and not is_cancelled
+    group by
+        customer_id,
+        product_id,
+        category
+),
+
+customer_categories as (
+    select
+        customer_id,
+        category,
+        min(first_date) as first_date
+    from customer_products
+    group by
+        customer_id,
+        category
+),
+
+distinct_counts as (
+    select
+        cutoffs.snapshot,
+        customer_products.customer_id,
+        count(*) as n_distinct_products
+    from cutoffs
+    inner join customer_products
+        on customer_products.first_date <= cutoffs.feature_cutoff_date
+    group by
+        cutoffs.snapshot,
+        customer_products.customer_id
+),
+
+distinct_categories as (
+    select
+        cutoffs.snapshot,
+        customer_categories.customer_id,
+        count(*) as n_distinct_categories
+    from cutoffs
+    inner join customer_categories
+        on customer_categories.first_date <= cutoffs.feature_cutoff_date
+    group by
+        cutoffs.snapshot,
+        customer_categories.customer_id
 ),
 
 -- every purchase line (sold, not cancelled) up to each cut-off, of known and unknown customers alike: the
@@ -95,24 +168,59 @@ purchase_lines as (
 
 -- the typical price of a category at each cut-off, the yardstick of avg_price_index (premium vs bargain
 -- buyers of the same category); computed per cut-off so that later prices never leak into a snapshot
-category_prices as (
+-- (the median is taken over the few distinct prices with their line counts, a hash aggregate, rather than by
+-- sorting every line; it interpolates the two middle values like percentile_cont(0.5))
+price_counts as (
     select
         snapshot,
         category,
-        percentile_cont(0.5) within group (order by unit_price) as median_unit_price
+        unit_price,
+        count(*) as n_lines
     from purchase_lines
     where unit_price > 0
     group by
         snapshot,
-        category
+        category,
+        unit_price
+),
+
+price_ranks as (
+    select
+        snapshot,
+        category,
+        unit_price,
+        -- 0-based positions of the first and last line at this price in the sorted prices
+        sum(n_lines) over (partition by snapshot, category order by unit_price) - n_lines as first_position,
+        sum(n_lines) over (partition by snapshot, category order by unit_price) - 1 as last_position,
+        sum(n_lines) over (partition by snapshot, category) as n_total
+    from price_counts
+),
+
+category_prices as (
+    select
+        snapshot,
+        category,
+        lower_price::double precision
+            + (upper_price::double precision - lower_price::double precision) * middle_fraction::double precision as median_unit_price
+    from (
+        select
+            snapshot,
+            category,
+            min(unit_price) filter (where last_position >= floor((n_total - 1) / 2.0)) as lower_price,
+            min(unit_price) filter (where last_position >= ceil((n_total - 1) / 2.0)) as upper_price,
+            (n_total - 1) / 2.0 - floor((n_total - 1) / 2.0) as middle_fraction
+        from price_ranks
+        group by
+            snapshot,
+            category,
+            n_total
+    ) as middle
 ),
 
 line_summary as (
     select
         purchase_lines.snapshot,
         purchase_lines.customer_id,
-        count(distinct purchase_lines.product_id) as n_distinct_products,
-        count(distinct purchase_lines.category) as n_distinct_categories,
         sum(purchase_lines.line_amount) as purchase_amount,
         {%- for k in range(1, 9) %}
         coalesce(sum(purchase_lines.line_amount) filter (where purchase_lines.category_rank = {{ k }}), 0) as category_spend_{{ k }},
@@ -158,14 +266,14 @@ features as (
         (order_summary.feature_cutoff_date - order_summary.last_purchase_date)::integer as recency_days,
         (order_summary.feature_cutoff_date - order_summary.first_purchase_date)::integer as tenure_days,
         order_summary.n_orders::integer as n_orders,
-        order_summary.n_purchase_days::integer as n_purchase_days,
+        coalesce(purchase_days.n_purchase_days, 0)::integer as n_purchase_days,
         -- returns of purchases made before the data starts can exceed the purchases seen: floor at 0
         greatest(order_summary.net_revenue, 0)::numeric as net_spend,
         order_summary.gross_spend::numeric as gross_spend,
         round(greatest(order_summary.net_revenue, 0) / order_summary.n_orders, 4)::numeric as avg_order_value,
         order_summary.avg_basket_size::double precision as avg_basket_size,
-        coalesce(line_summary.n_distinct_products, 0)::integer as n_distinct_products,
-        coalesce(line_summary.n_distinct_categories, 0)::integer as n_distinct_categories,
+        coalesce(distinct_counts.n_distinct_products, 0)::integer as n_distinct_products,
+        coalesce(distinct_categories.n_distinct_categories, 0)::integer as n_distinct_categories,
         least(1, order_summary.return_value / nullif(order_summary.gross_spend, 0))::double precision as return_rate,
         case
             when order_summary.n_orders > 1
@@ -199,6 +307,15 @@ features as (
     left join web_summary
         on order_summary.snapshot = web_summary.snapshot
         and order_summary.customer_id = web_summary.customer_id
+    left join purchase_days
+        on order_summary.snapshot = purchase_days.snapshot
+        and order_summary.customer_id = purchase_days.customer_id
+    left join distinct_counts
+        on order_summary.snapshot = distinct_counts.snapshot
+        and order_summary.customer_id = distinct_counts.customer_id
+    left join distinct_categories
+        on order_summary.snapshot = distinct_categories.snapshot
+        and order_summary.customer_id = distinct_categories.customer_id
     left join customers
         on order_summary.customer_id = customers.customer_id
 )
