@@ -33,6 +33,18 @@ PLANTED = {
 FEATURE_CATEGORIES = {1: "Jewellery", 2: "Home & Kitchen", 3: "Books", 4: "Beauty", 5: "Electronics",
                       6: "Garden", 7: "Toys & Games", 8: "Grocery"}
 ARI_THRESHOLD = 0.70  # well-separated planted behaviours: the champion must recover them clearly
+# Generator → dbt → train_segmentation (1,500 customers, seed 7, kmeans/ward/som, k 3..6): measured ARI 0.398
+# (ward_k5) with the behaviour profile (ml.segmentation.PROFILE_COLUMNS, category weight 8, square-root
+# shares); 0.154 with every numeric column. The bar is the measurement minus 0.10.
+# Why not ~1: 60 % of the planted customers (one-time buyers, occasional browsers, seasonal gift buyers) have
+# one or two orders of about two lines in two years, so their discount share, price index, Q4 share and
+# category shares are read off a handful of lines; occasional browsers and one-time buyers differ only in
+# purchase rate and drop-out (1.5 vs 0.8 orders a year), which one order cannot reveal, and seasonal buyers
+# differ from them mainly in December orders, which most of them did not place in the window. Even a
+# supervised classifier given the labels (random forest, 5-fold CV, every numeric feature, 4,000 generated
+# customers, seed 11) reaches only ARI 0.48 (accuracy 0.73), confusing exactly those three; an unsupervised
+# ARI of 0.5 would be above what these features can carry.
+GENERATOR_ARI_THRESHOLD = 0.30
 
 
 def planted_features(n: int = 2000, seed: int = 7) -> pd.DataFrame:
@@ -180,7 +192,7 @@ def test_infinite_values_and_unknown_family_are_clear_errors(planted):
     X = planted.drop(columns="planted").iloc[:100].copy()
     with pytest.raises(SegmentationInputError, match="Unknown segmentation families"):
         segment_customers(X, families=["kmeans", "spectral"])
-    X.loc[X.index[3], "net_spend"] = np.inf
+    X.loc[X.index[3], "avg_order_value"] = np.inf  # a column of the behaviour profile
     with pytest.raises(CrmError, match="infinite"):
         segment_customers(X)
 
@@ -204,7 +216,7 @@ def test_train_segmentation_end_to_end(warehouse):
     from ml import registry
     from ml.dbt import dbt_build
     from ml.ingest.generator import GeneratorParams, generate
-    from ml.segmentation import MODEL_NAME, train_segmentation
+    from ml.segmentation import MODEL_NAME, score_segmentation, train_segmentation
     from ml.warehouse import connect, read_table
 
     with connect(warehouse) as conn:
@@ -233,14 +245,31 @@ def test_train_segmentation_end_to_end(warehouse):
     assert (loaded.predict(features.head(20))["segment_id"].to_numpy() == segments.set_index("customer_id")
             .loc[features["customer_id"].head(20).astype(str), "segment_id"].to_numpy()).all()
 
-    # Behavioural segments of the generator overlap by design (regular vs bargain shoppers vs occasional
-    # browsers differ mostly in rates and price tilt, seen here only through aggregated features): the bar is
-    # "clearly better than chance" (ARI 0 = random). Measured: 0.154 with kmeans_k5 (seed 7, 1,500 customers).
+    # Agreement with the generator's planted segments. PLANTED_ARI_NOTE below says what is measured and why
+    # the ceiling is low: most planted customers have one or two orders, so their features cannot tell them apart.
     truth = planted.drop_duplicates("customer_id").set_index("customer_id")["segment"]
     joined = segments.assign(customer_id=segments["customer_id"].astype(str)).join(truth, on="customer_id", how="inner")
     ari = adjusted_rand_score(joined["segment"], joined["segment_id"])
     print(f"\ngenerator ARI {ari:.3f} champion {report.champion_candidate}")
-    assert ari >= 0.10, ari
+    assert ari >= GENERATOR_ARI_THRESHOLD, (ari, report.champion_candidate)
+
+    # The incremental night: assign today's customers with the champion, no training. The rows cite a new
+    # scoring run and the champion's version, and match what the training run published.
+    scored = score_segmentation(warehouse, orchestrator_run_id="manual__incremental")
+    assert not scored.promoted and scored.reason.startswith("scored with champion"), scored.reason
+    assert scored.model_version == "1" and scored.run_id != report.run_id
+    assert scored.champion_candidate == report.champion_candidate
+    assert scored.rows_published == report.rows_published
+    with connect(warehouse) as conn:
+        rescored = read_table(conn, "ml.customer_segments")
+        reprofiled = read_table(conn, "ml.segment_profiles")
+    assert set(rescored["mlflow_run_id"]) == {scored.run_id} == set(reprofiled["mlflow_run_id"])
+    assert set(rescored["model_version"]) == {"1"}
+    tags = MlflowClient().get_run(scored.run_id).data.tags
+    assert tags["kind"] == "scoring" and tags["orchestrator_run_id"] == "manual__incremental"
+    assert tags["champion_version"] == "1"
+    same = rescored.set_index("customer_id").loc[segments["customer_id"], ["segment_id", "segment_name"]]
+    assert (same.to_numpy() == segments[["segment_id", "segment_name"]].to_numpy()).all()
 
     # A second run: the champion is re-scored on today's data and the decision is recorded.
     again = train_segmentation(warehouse, families=["kmeans"], k_range=[2], n_bootstrap=1, fit_sample=1500,
@@ -248,3 +277,10 @@ def test_train_segmentation_end_to_end(warehouse):
     version = MlflowClient().get_model_version(MODEL_NAME, "2")
     assert str(version.version) == "2" and again.reason
     assert registry.champion_version(MODEL_NAME) == ("2" if again.promoted else "1")
+
+
+def test_score_segmentation_without_a_champion_is_a_clear_error(warehouse):
+    from ml.segmentation import score_segmentation
+
+    with pytest.raises(CrmError, match="No champion registered"):
+        score_segmentation(warehouse)
