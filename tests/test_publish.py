@@ -383,3 +383,78 @@ def test_publish_killed_during_copy_leaves_previous_table_intact(warehouse, tmp_
         assert conn.execute("select count(*) from ml.customer_segments_history where mlflow_run_id = 'killed'"
                             ).fetchone()[0] == 0
         assert conn.execute("select count(*), max(gen) from ml.customer_segments").fetchone() == (report.rows, 6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Storage layout: optional key index, histories of earlier versions, metadata not written per row
+# ---------------------------------------------------------------------------------------------------------
+def _primary_key(conn, relation: str) -> list[str]:
+    return [r[0] for r in conn.execute(
+        "select a.attname from pg_index i cross join lateral unnest(i.indkey::int2[]) with ordinality u(n, o) "
+        "join pg_attribute a on a.attrelid = i.indrelid and a.attnum = u.n "
+        "where i.indrelid = %s::regclass and i.indisprimary order by u.o", [relation]).fetchall()]
+
+
+def test_index_keys_gives_a_primary_key_on_every_partition_and_reruns_keep_it(warehouse):
+    frame = _segments(40, seed=5)
+    _publish(warehouse, frame, index_keys=True)
+    _publish(warehouse, frame, as_of=TODAY + dt.timedelta(days=1), run_id="next")
+    _publish(warehouse, frame.assign(score=0.5), as_of=TODAY + dt.timedelta(days=1), run_id="rerun")
+    with connect(warehouse) as conn:
+        assert _primary_key(conn, "ml.customer_segments_history") == ["customer_id", "as_of"]
+        for day in ("20240630", "20240701"):
+            assert _primary_key(conn, f"ml.customer_segments_history_{day}") == ["customer_id", "as_of"]
+        assert conn.execute("select count(*), min(score), max(score) from ml.customer_segments").fetchone() == (
+            40, 0.5, 0.5)
+    with pytest.raises(PublishError, match="share a key"):
+        _publish(warehouse, pd.concat([frame, frame.head(2)]), as_of=TODAY + dt.timedelta(days=2))
+
+
+def test_without_index_keys_there_is_no_index_but_keys_are_not_null_columns(warehouse):
+    _publish(warehouse, _segments(10))
+    with connect(warehouse) as conn:
+        assert _primary_key(conn, "ml.customer_segments_history") == []
+        assert conn.execute("select attnotnull from pg_attribute where attrelid = "
+                            "'ml.customer_segments_history'::regclass and attname = 'customer_id'").fetchone()[0]
+        with pytest.raises(psycopg.errors.NotNullViolation):
+            conn.execute("insert into ml.customer_segments_history (customer_id, model_name, mlflow_run_id, as_of, "
+                         "scored_at) values (null, 'm', 'r', %s, now())", [TODAY])
+
+
+def test_a_history_created_by_an_earlier_version_keeps_its_key_order(warehouse):
+    """Earlier versions created histories with primary key (as_of, keys...); a partition's index must match
+    its parent's, so new partitions follow the existing order."""
+    with connect(warehouse) as conn:
+        conn.execute("""
+            create table ml.customer_segments_history (
+                customer_id text, segment_id bigint, segment_name text, score double precision,
+                model_name text not null, model_version text, mlflow_run_id text not null, as_of date not null,
+                scored_at timestamptz not null, primary key (as_of, customer_id)) partition by list (as_of)""")
+        conn.commit()
+    frame = _segments(25, seed=6)
+    _publish(warehouse, frame)
+    _publish(warehouse, frame, run_id="rerun")
+    report = _publish(warehouse, frame, as_of=TODAY + dt.timedelta(days=1), run_id="next")
+    assert report.replaced_current
+    with connect(warehouse) as conn:
+        assert _primary_key(conn, "ml.customer_segments_history_20240701") == ["as_of", "customer_id"]
+        assert conn.execute("select count(*), min(mlflow_run_id) from ml.customer_segments").fetchone() == (25, "next")
+
+
+def test_run_metadata_is_stored_once_per_partition_not_in_every_row(warehouse):
+    """The metadata columns of a new partition are catalog defaults ("fast defaults"): every row reads
+    them, none carries them, so the rows are as narrow as the frame's."""
+    report = _publish(warehouse, _segments(30), run_id="meta-run", version=7)
+    with connect(warehouse) as conn:
+        missing = dict(conn.execute(
+            "select attname, atthasmissing from pg_attribute where attrelid = "
+            "'ml.customer_segments_history_20240630'::regclass and attnum > 0").fetchall())
+        assert missing["mlflow_run_id"] and missing["model_name"] and missing["scored_at"]
+        assert not missing["customer_id"]
+        rows = conn.execute("select count(*) filter (where mlflow_run_id = 'meta-run' and model_version = '7' "
+                            "and model_name = 'segmentation' and scored_at = %s and as_of = %s) "
+                            "from ml.customer_segments_history", [report.scored_at, TODAY]).fetchone()[0]
+        # no defaults are left behind for rows inserted later (a rerun inserts explicit values)
+        defaults = conn.execute("select count(*) from pg_attrdef where adrelid = "
+                                "'ml.customer_segments_history_20240630'::regclass").fetchone()[0]
+    assert rows == 30 and defaults == 0
