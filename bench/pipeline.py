@@ -269,12 +269,13 @@ def _train_segmentation(settings, segment_customers, step, trained) -> None:
 
 
 def _train_value(settings, fit_value, step, trained) -> None:
-    from ml.value import fit_churn, score_customers
+    from ml.value import fit_churn, prepare_training, score_customers
 
     training = _read(settings, "marts.clv_training_set")
     scoring = _read(settings, "marts.clv_scoring_set")
-    value = fit_value(training)
-    churn = fit_churn(training)
+    prepared = prepare_training(training)  # the per-snapshot BTYD fits once for both families, as train_value
+    value = fit_value(prepared)
+    churn = fit_churn(prepared)
     scores = score_customers(scoring, value.model, churn.model)
     trained["value_model"], trained["churn_model"] = value.model, churn.model
     trained["frames"]["customer_scores"] = (scores, ["customer_id"])
