@@ -227,7 +227,9 @@ line_summary as (
         {%- endfor %}
         count(*) as n_purchase_lines,
         count(*) filter (where purchase_lines.discount > 0) as n_discount_lines,
-        avg(purchase_lines.unit_price::double precision / nullif(category_prices.median_unit_price, 0))
+        -- in numeric, not double: a sum of doubles depends on the order rows arrive in (hash aggregates,
+        -- parallel workers), and a rebuild must give the same bits
+        avg(purchase_lines.unit_price / nullif(category_prices.median_unit_price::numeric, 0))
             filter (where purchase_lines.unit_price > 0) as avg_price_index,
         sum(purchase_lines.line_revenue) as purchase_revenue,
         sum(purchase_lines.line_revenue) filter (where purchase_lines.is_q4) as q4_purchase_revenue,
