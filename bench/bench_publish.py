@@ -4,14 +4,21 @@
 
 Steps (each on the same frame, in a scratch database on the warehouse server):
 
-* ``raw_copy``            ``warehouse.copy_in`` of the frame into an empty table with the same columns,
-                          committed: what moving these rows into PostgreSQL costs at least.
+* ``raw_copy``            ``warehouse.copy_in`` of the frame into an empty plain table (no index) with the
+                          same columns, committed: what moving these rows into PostgreSQL costs at least
+                          (the floor the bench pipeline compares ``publish ml.*`` with).
 * ``publish_first``       the first publish: creates the history, the view and the first partition.
 * ``publish_next_as_of``  the nightly steady state: a new ``as_of`` COPYed into a new partition and
                           swapped in (target ≥ 70 % of ``raw_copy`` rows/s).
 * ``publish_rerun``       the same ``as_of`` again: MVCC delete + insert of that partition's rows via
                           a temporary staging table (rows written twice plus dead tuples: slower, rare).
 * ``publish_backfill``    an older ``as_of``: a new partition, the current table untouched.
+* ``indexed_*``           the same four with ``index_keys=True`` (a primary key on (keys, as_of) built on
+                          every partition): what the database-enforced key costs.
+
+Besides wall seconds, every step records the CPU seconds of this process and of the server (the
+postmaster's reaped children plus its live ones), so a ratio can be read on a machine shared with
+other work, where wall time mostly measures waiting.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import os
 import threading
 import time
 import uuid
@@ -55,15 +63,38 @@ def measure(step: str, *, server_pid: int | None = None, reference: str | None =
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    started = time.perf_counter()
+    server_cpu = _server_cpu_seconds(server_pid) if server_pid else 0.0
+    cpu, started = time.process_time(), time.perf_counter()
     try:
         yield result
     finally:
         result.seconds = time.perf_counter() - started
+        result.notes["cpu_seconds"] = round(time.process_time() - cpu, 3)
+        if server_pid:
+            result.notes["server_cpu_seconds"] = round(_server_cpu_seconds(server_pid) - server_cpu, 3)
         done.set()
         sampler.join()
         result.peak_rss_python_mb = peaks["py"] / 2**20
         result.peak_rss_server_mb = peaks["pg"] / 2**20
+
+
+def _server_cpu_seconds(postmaster: int) -> float:
+    """CPU seconds of the server so far: the postmaster's own and its reaped children's (backends that
+    have exited) plus its live children's. Linux /proc only; 0 where it cannot be read."""
+    def fields(pid: int | str) -> list[str]:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()
+
+    try:
+        total = sum(int(x) for x in fields(postmaster)[11:15])  # utime stime cutime cstime
+        with open(f"/proc/{postmaster}/task/{postmaster}/children") as fh:
+            children = fh.read().split()
+    except OSError:
+        return 0.0
+    for child in children:
+        with contextlib.suppress(OSError):
+            total += sum(int(x) for x in fields(child)[11:13])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def customer_scores(n: int, seed: int = 0) -> pd.DataFrame:
@@ -98,7 +129,7 @@ def run(settings: Settings, rows: int, repeats: int) -> list:
             with connect(scratch) as conn:
                 conn.execute("drop table if exists public.raw_copy")
                 conn.execute(
-                    "create table public.raw_copy (customer_id text primary key, predicted_spend double precision,"
+                    "create table public.raw_copy (customer_id text, predicted_spend double precision,"
                     " churn_probability double precision, value_decile smallint, segment_name text)"
                 )
                 conn.commit()
@@ -106,16 +137,20 @@ def run(settings: Settings, rows: int, repeats: int) -> list:
                     step.rows = copy_in(conn, "public.raw_copy", frame)
                     conn.commit()
                 results.append(step)
-            with connect(scratch) as conn:
-                conn.execute("drop table if exists ml.customer_scores, ml.customer_scores_history")
-                conn.commit()
-            next_day = as_of + dt.timedelta(days=1)
-            for name, day in (("publish_first", as_of), ("publish_next_as_of", next_day),
-                              ("publish_rerun", next_day), ("publish_backfill", as_of - dt.timedelta(days=1))):
-                with measure(f"{name}{suffix}", server_pid=server, reference=f"raw_copy{suffix}") as step:
-                    report = publish(scratch, "customer_scores", frame, as_of=day, **common)
-                    step.rows = report.rows
-                results.append(step)
+            for prefix, index_keys in (("publish", False), ("indexed", True)):
+                with connect(scratch) as conn:
+                    conn.execute("drop view if exists ml.customer_scores")
+                    conn.execute("drop table if exists ml.customer_scores_history")
+                    conn.commit()
+                next_day = as_of + dt.timedelta(days=1)
+                for name, day in (("first", as_of), ("next_as_of", next_day), ("rerun", next_day),
+                                  ("backfill", as_of - dt.timedelta(days=1))):
+                    with measure(f"{prefix}_{name}{suffix}", server_pid=server,
+                                 reference=f"raw_copy{suffix}") as step:
+                        report = publish(scratch, "customer_scores", frame, as_of=day, index_keys=index_keys,
+                                         **common)
+                        step.rows = report.rows
+                    results.append(step)
     finally:
         drop_database(scratch)
     return results
@@ -132,11 +167,21 @@ def main(argv: list[str] | None = None) -> None:
     print(format_table(results))
     raw = [r for r in results if r.step.startswith("raw_copy")]
     for r in results:
-        if r.step.startswith("publish_"):
+        if r.step.startswith(("publish_", "indexed_")):
             ref = next(x for x in raw if x.step == r.reference)
             target = " (target >= 70%: the nightly path)" if r.step.startswith("publish_next_as_of") else ""
-            print(f"{r.step}: {r.rows_per_s / ref.rows_per_s:.0%} of raw COPY rows/s{target}")
+            cpu = _cpu_share(ref, r)
+            print(f"{r.step}: {r.rows_per_s / ref.rows_per_s:.0%} of raw COPY rows/s{target}"
+                  + (f"; {cpu:.0%} by CPU seconds (client + server)" if cpu else ""))
     append_results(results, {"bench": "publish", "rows": args.rows})
+
+
+def _cpu_share(reference: StepResult, step: StepResult) -> float | None:
+    """The reference's client + server CPU seconds over the step's: the rows/s share on an idle machine."""
+    def cpu(r: StepResult) -> float:
+        return r.notes.get("cpu_seconds", 0.0) + r.notes.get("server_cpu_seconds", 0.0)
+
+    return cpu(reference) / cpu(step) if cpu(step) and cpu(reference) else None
 
 
 if __name__ == "__main__":

@@ -70,14 +70,14 @@ def copy_floors(bench: Bench, settings: Settings) -> None:
 
 def publish_floor(bench: Bench, settings: Settings, frames: dict) -> None:
     """The same frames publish wrote, COPYed into plain tables with the same columns (one commit each)."""
-    from ml.publish import _pg_type, _to_arrow  # the exact column types publish gives them
+    from ml.publish import column_types, to_arrow  # the exact column types publish gives them
 
     prepared = []
     with connect(settings) as conn:
         for table, (frame, _keys) in frames.items():
-            arrow = _to_arrow(frame)
+            arrow = to_arrow(frame)
             name = f"public.floor_{table}_{uuid.uuid4().hex[:6]}"
-            cols = ", ".join(f'"{f}" {_pg_type(arrow.schema.field(f).type, f)}' for f in arrow.column_names)
+            cols = ", ".join(f'"{c}" {t}' for c, t in column_types(arrow).items())
             conn.execute(f"create table {name} ({cols})")
             prepared.append((name, arrow))
         conn.commit()

@@ -399,8 +399,12 @@ def test_index_keys_gives_a_primary_key_on_every_partition_and_reruns_keep_it(wa
     frame = _segments(40, seed=5)
     _publish(warehouse, frame, index_keys=True)
     _publish(warehouse, frame, as_of=TODAY + dt.timedelta(days=1), run_id="next")
-    _publish(warehouse, frame.assign(score=0.5), as_of=TODAY + dt.timedelta(days=1), run_id="rerun")
+    rerun = _publish(warehouse, frame.assign(score=0.5), as_of=TODAY + dt.timedelta(days=1), run_id="rerun",
+                     version=None)
     with connect(warehouse) as conn:
+        assert conn.execute("select count(*) from ml.customer_segments where mlflow_run_id = 'rerun' and "
+                            "model_version is null and scored_at = %s and as_of = %s",
+                            [rerun.scored_at, TODAY + dt.timedelta(days=1)]).fetchone()[0] == 40
         assert _primary_key(conn, "ml.customer_segments_history") == ["customer_id", "as_of"]
         for day in ("20240630", "20240701"):
             assert _primary_key(conn, f"ml.customer_segments_history_{day}") == ["customer_id", "as_of"]
