@@ -292,8 +292,10 @@ class BaseRecommender(BaseEstimator):
         # the current basket is the most recent one: rules fire on it
         recent = basket_vec if len(cols) else self.recent_[row]
         rows = np.array([row]) if row >= 0 else None
+        # the basket blend is validated on baskets alone (anonymous completion); a known customer's request
+        # also carries their history, which is what the next-order blend was validated on
         return self._recommend_rows(label, history, recent, rows, n, exclude_purchased=True,
-                                    basket_request=len(cols) > 0)[OUTPUT_COLUMNS]
+                                    basket_request=len(cols) > 0 and row < 0)[OUTPUT_COLUMNS]
 
     def recommend_from_lines(self, interactions: pd.DataFrame, customer_ids=None, n: int = 10,
                              exclude_purchased: bool = True, *, explain: bool = True) -> pd.DataFrame:
@@ -826,7 +828,9 @@ class HybridRecommender(BaseRecommender):
     customers with little history (fewer than ``min_history_items`` distinct items), where
     content-based scores cover what CF cannot. A third set is learned for *basket requests*
     ("complete this basket": one item of a hidden basket is removed, the rest is the request, the
-    removed item is the target) and is used whenever a request carries a basket. Then the components
+    removed item is the target) and is used when a request carries a basket and no customer the
+    model knows (anonymous or new); a known customer's basket request keeps the next-order blend,
+    validated on the same situation (their history plus a recent basket). Then the components
     are refitted on everything. Each component's scores are scaled per customer to a maximum of 1
     before blending. The reason of a pick is the reason of the component contributing most to its
     blended score.

@@ -186,15 +186,18 @@ def test_hybrid_learns_a_separate_blend_for_basket_requests_and_uses_it_for_bask
     assert v["basket_hit_rate"] >= v["basket_hit_rate_next_order_weights"]
     assert set(model.basket_weights_) == set(model.weights_)
 
-    # a request with a basket is blended with the basket weights, one without with the next-order ones
+    # an anonymous basket is blended with the basket weights; a known customer (with or without a basket)
+    # with the next-order ones, validated on history plus a recent basket
     model.weights_ = model.cold_weights_ = {k: float(k == "popularity_recent") for k in model.weights_}
     model.basket_weights_ = {k: float(k == "rules") for k in model.weights_}
     customer = lines["customer_id"].iloc[0]
     rules = model.fitted_components_["rules"].rules_
     basket = [str(rules["antecedent"].iloc[0][0])]
-    out = recommend_requests(model, pd.DataFrame({"customer_id": [customer, None], "basket": [None, basket]}))
-    plain, with_basket = out[out["request"] == 0], out[out["request"] == 1]
+    out = recommend_requests(model, pd.DataFrame({"customer_id": [customer, None, customer],
+                                                  "basket": [None, basket, basket]}))
+    plain, with_basket, known_basket = (out[out["request"] == i] for i in range(3))
     assert plain["reason"].str.startswith("popular item").all()
+    assert known_basket["reason"].str.startswith("popular item").all()
     fired = with_basket[with_basket["method"] == "hybrid"]
     assert len(fired) and fired["reason"].str.startswith("bought together with").all()
 
