@@ -87,7 +87,7 @@ from psycopg import sql
 
 from ml.config import Settings
 from ml.errors import CrmError
-from ml.warehouse import connect, copy_in
+from ml.warehouse import connect, copy_in, qualified
 
 SCHEMA = "ml"
 HISTORY_SUFFIX = "_history"
@@ -607,6 +607,16 @@ def _point_to(conn: psycopg.Connection, job: _Job, scored: dt.datetime) -> psyco
     )
 
 
+def _copy_into_new_table(conn: psycopg.Connection, name: str, definitions: list[sql.Composable],
+                         arrow: pa.Table, *, temporary: bool = False) -> None:
+    """Create a table nobody else can see yet and COPY the frame into it (both publish paths stage the frame so).
+
+    ``name`` is ``schema.table`` or, for a temporary table, a bare name."""
+    create = sql.SQL("create temp table {} ({}) on commit drop" if temporary else "create table {} ({})")
+    conn.execute(create.format(qualified(name), sql.SQL(", ").join(definitions)))
+    copy_in(conn, name, arrow)
+
+
 def _write_new_partition(conn: psycopg.Connection, job: _Job, history_columns: dict[str, str],
                          primary_key: tuple[str, ...], meta: dict[str, Any]) -> psycopg.Cursor:
     """A new as_of: COPY into a fresh table, index it, then attach it (the only step readers can notice).
@@ -637,8 +647,7 @@ def _write_new_partition(conn: psycopg.Connection, job: _Job, history_columns: d
                                                          sql.SQL(not_null)))
     definitions.append(sql.SQL("constraint {} check (as_of = {})").format(
         sql.Identifier(f"{job.partition}_as_of"), sql.Literal(job.as_of)))
-    conn.execute(sql.SQL("create table {} ({})").format(_ident(job.partition), sql.SQL(", ").join(definitions)))
-    copy_in(conn, f"{SCHEMA}.{job.partition}", job.arrow)
+    _copy_into_new_table(conn, f"{SCHEMA}.{job.partition}", definitions, job.arrow)
     run_columns = [c for c in history_columns if c in meta and c != "as_of"]
     changes = [sql.SQL("add column {} {}{} default {}").format(
         sql.Identifier(c), sql.SQL(history_columns[c]),
@@ -669,24 +678,34 @@ def _write_new_partition(conn: psycopg.Connection, job: _Job, history_columns: d
 
 
 def _rewrite_partition(conn: psycopg.Connection, job: _Job, meta: dict[str, Any]) -> tuple[int, psycopg.Cursor]:
-    """A rerun of a published as_of: replace that partition's rows with DELETE + COPY (plain MVCC, so
+    """A rerun of a published as_of: replace that partition's rows with DELETE + INSERT (plain MVCC, so
     readers keep the old rows until commit whatever their isolation level).
 
-    The COPY goes straight into the attached partition, with the metadata sent as constant columns
-    (setting defaults on a partition readers use would lock them out): rows are written once, not
-    staged in a temporary table and copied again. Returns (rows replaced, the pointer update's cursor)."""
-    deleted = conn.execute(sql.SQL("delete from {}").format(_ident(job.partition))).rowcount
-    copy_in(conn, f"{SCHEMA}.{job.partition}", _with_metadata(job.arrow, meta))
-    return deleted, _point_to(conn, job, meta["scored_at"])
-
-
-def _with_metadata(arrow: pa.Table, meta: dict[str, Any]) -> pa.Table:
-    """The frame plus one constant column per metadata value (Arrow repeats a scalar without a Python
-    loop; the CSV writer then writes it on every row)."""
-    for column, value in meta.items():
-        constant = pa.nulls(arrow.num_rows, pa.string()) if value is None else pa.repeat(value, arrow.num_rows)
-        arrow = arrow.append_column(column, constant)
-    return arrow
+    The frame is staged in a temporary table (no WAL) and inserted with the metadata as parameters.
+    COPYing straight into the partition with the metadata as constant CSV columns measured slower
+    (300k rows: 0.9 s client + 0.8 s server CPU against 0.2 s + 0.6 s), the text timestamps being
+    written and parsed on every row; setting defaults on the partition instead would lock readers out.
+    Returns (rows replaced, the pointer update's cursor)."""
+    columns = job.arrow.column_names
+    stage = f"_publish_stage_{job.table}"
+    conn.execute(sql.SQL("drop table if exists {}").format(sql.Identifier(stage)))
+    _copy_into_new_table(conn, stage, [sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(t))
+                                       for c, t in job.columns.items()], job.arrow, temporary=True)
+    names = [*columns, *meta]
+    with conn.pipeline():
+        deleted = conn.execute(sql.SQL("delete from {}").format(_ident(job.partition)))
+        conn.execute(
+            sql.SQL("insert into {} ({}) select {}, {} from {}").format(
+                _ident(job.partition),
+                sql.SQL(", ").join(map(sql.Identifier, names)),
+                sql.SQL(", ").join(map(sql.Identifier, columns)),
+                sql.SQL(", ").join(sql.Placeholder() for _ in meta),
+                sql.Identifier(stage),
+            ),
+            list(meta.values()),
+        )
+        pointer = _point_to(conn, job, meta["scored_at"])
+    return deleted.rowcount, pointer
 
 
 # ---------------------------------------------------------------------------------------------------------
