@@ -264,7 +264,7 @@ def test_train_segmentation_end_to_end(warehouse):
         rescored = read_table(conn, "ml.customer_segments")
         reprofiled = read_table(conn, "ml.segment_profiles")
     assert set(rescored["mlflow_run_id"]) == {scored.run_id} == set(reprofiled["mlflow_run_id"])
-    assert set(rescored["model_version"]) == {"1"}
+    assert set(rescored["model_version"].astype(str)) == {"1"}
     tags = MlflowClient().get_run(scored.run_id).data.tags
     assert tags["kind"] == "scoring" and tags["orchestrator_run_id"] == "manual__incremental"
     assert tags["champion_version"] == "1"

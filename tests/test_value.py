@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ml.errors import CrmError
 from ml.value import (
     CHURN_METRICS,
     REGRESSION_METRICS,
@@ -235,7 +236,7 @@ def test_train_value_end_to_end(warehouse):
     from ml import registry
     from ml.dbt import dbt_build
     from ml.ingest.generator import GeneratorParams, generate
-    from ml.value import CLV_MODEL_NAME, train_value
+    from ml.value import CLV_MODEL_NAME, score_value, train_value
     from ml.warehouse import connect, read_table
 
     with connect(warehouse) as conn:
@@ -264,3 +265,27 @@ def test_train_value_end_to_end(warehouse):
     churn_children = children[children["tags.family"] == "churn"].set_index("tags.mlflow.runName")
     assert churn_children.loc[f"churn/{report.churn_champion}", "metrics.roc_auc"] > 0.6
     assert registry.champion_version(CLV_MODEL_NAME) == report.clv_version == "1"
+
+    # The incremental night: score today's customers with the champions, no training. The published rows cite
+    # a new scoring run (not the training run) and the champion versions; same models, same marts → same scores.
+    scored = score_value(warehouse, orchestrator_run_id="manual__incremental")
+    assert not scored.clv_promoted and not scored.churn_promoted
+    assert scored.reason.startswith("scored with champion"), scored.reason
+    assert (scored.clv_version, scored.churn_version) == ("1", "1") and scored.run_id != report.run_id
+    assert scored.clv_champion == report.clv_champion and scored.rows_published == len(scoring)
+    with connect(warehouse) as conn:
+        rescored = read_table(conn, "ml.customer_scores")
+    assert set(rescored["mlflow_run_id"]) == {scored.run_id} and set(rescored["model_version"].astype(str)) == {"1"}
+    tags = MlflowClient().get_run(scored.run_id).data.tags
+    assert tags["kind"] == "scoring" and tags["orchestrator_run_id"] == "manual__incremental"
+    assert tags["clv_champion_version"] == "1" and tags["as_of"] == str(rescored["as_of"].iloc[0])[:10]
+    before = scores.set_index("customer_id")[["predicted_spend", "churn_probability"]].astype(float)
+    after = rescored.set_index("customer_id")[["predicted_spend", "churn_probability"]].astype(float).loc[before.index]
+    np.testing.assert_allclose(after.to_numpy(), before.to_numpy(), rtol=1e-9, atol=1e-9)
+
+
+def test_score_value_without_a_champion_is_a_clear_error(warehouse):
+    from ml.value import score_value
+
+    with pytest.raises(CrmError, match="No champion registered"):
+        score_value(warehouse)
