@@ -55,6 +55,29 @@ def _timed_build(settings: Settings, label: str, **kwargs) -> dict:
     return {"wall": wall, "result": result}
 
 
+def _replay_web_events(settings: Settings, day) -> int:
+    """The web events of ``day`` again one day later, in the new day's batch: a real night brings browsing
+    too, and without it the web events' watermark would stay on the (huge) history batch."""
+    with connect(settings) as conn:
+        cur = conn.execute(
+            "insert into raw.web_events (customer_id, session_id, event_type, product_id, event_at, _batch_id) "
+            "select customer_id, 'N' || session_id, event_type, product_id, event_at + interval '1 day', "
+            "(select max(batch_id) from audit.load_batches) "
+            "from raw.web_events where event_at >= %s::date and event_at < %s::date + 1", (day, day))
+        if cur.rowcount == 0:  # a replayed day has no browsing of its own: take the latest day that has
+            last = conn.execute("select max(event_at)::date from raw.web_events where event_at <= %s::date",
+                                (day,)).fetchone()[0]
+            cur = conn.execute(
+                "insert into raw.web_events (customer_id, session_id, event_type, product_id, event_at, _batch_id) "
+                "select customer_id, 'N' || session_id, event_type, product_id, "
+                "event_at + (%s::date + 1 - %s::date) * interval '1 day', "
+                "(select max(batch_id) from audit.load_batches) "
+                "from raw.web_events where event_at >= %s::date and event_at < %s::date + 1",
+                (day, last, last, last))
+        conn.commit()
+        return cur.rowcount
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--customers", type=int, default=100_000)
@@ -104,6 +127,7 @@ def main() -> None:
             end = conn.execute("select latest_valid_order_date from staging.int_as_of").fetchone()[0]
         started = time.perf_counter()
         loaded = one_new_day(settings, end)
+        loaded["raw.web_events"] = _replay_web_events(settings, end)
         print(f"\nloaded one new day ({loaded}) in {time.perf_counter() - started:.1f} s")
         incremental = _timed_build(settings, f"dbt build (incremental), {night}")
     if not args.skip_full:
