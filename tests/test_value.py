@@ -184,6 +184,25 @@ def test_plots_are_written(clv, churn, tmp_path):
     assert clv.feature_importances["importance"].iloc[0] > 0
 
 
+def test_large_inputs_are_fitted_on_a_bounded_sample_and_btyd_is_prepared_once(train, monkeypatch):
+    """Above the row caps the candidates see a seeded sample; the champion is re-scored on exactly the rows
+    the challenger was validated on; one prepared frame (BTYD fitted once) serves CLV and churn."""
+    import ml.value as value
+
+    monkeypatch.setattr(value, "MAX_FIT_ROWS", 1000)
+    monkeypatch.setattr(value, "MAX_VALID_ROWS", 800)
+    prepared = value.prepare_training(train)
+    assert set(value.BTYD_COLUMNS) <= set(prepared.frame.columns) and prepared.btyd_params is not None
+    glm = {"tweedie_glm": value.regression_candidates()["tweedie_glm"]}
+    clv = value.fit_value(prepared, candidates=glm)
+    churn = value.fit_churn(prepared)
+    assert clv.params["n_train"] == 1000 and clv.params["n_valid"] == 800 == len(clv.validation)
+    assert churn.params["n_train"] == 1000 and len(churn.validation) == 800
+    rows = value.validation_rows(prepared)
+    assert (rows["customer_id"].to_numpy() == clv.validation["customer_id"].to_numpy()).all()
+    assert clv.model.btyd_params is prepared.btyd_params is churn.model.btyd_params
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 def test_empty_training_set_is_a_clear_error(train):
     with pytest.raises(ValueInputError, match="empty"):
