@@ -62,7 +62,7 @@ class NodeResult:
         rows = f", {self.failures} failing rows" if self.failures else ""
         text = f"{self.resource_type} {self.name}: {self.status}{rows}"
         if self.message and self.failed:
-            text += f" ({_first_line(self.message)})"
+            text += f" ({_reason(self.message)})"
         return text
 
 
@@ -287,6 +287,9 @@ def _yaml_value(value):
     return value.isoformat() if isinstance(value, date) else value
 
 
-def _first_line(text: str) -> str:
-    text = text.strip()
-    return text.splitlines()[0][:300] if text else ""
+def _reason(text: str) -> str:
+    """dbt's error message in one line: its headline and the database's cause after it (e.g. "Database Error
+    in model fct_orders ... | integer out of range"), without the pointer to the compiled SQL file."""
+    lines = [ln.strip() for ln in text.strip().splitlines()]
+    lines = [ln for ln in lines if ln and not ln.lower().startswith("compiled code at")]
+    return " | ".join(lines[:3])[:400]

@@ -284,3 +284,13 @@ def test_amounts_are_exact_decimals(built):
     with connect(settings) as conn:
         total = conn.execute("select sum(net_revenue) from marts.fct_orders where customer_id = 'c1'").fetchone()[0]
     assert total == Decimal("73")
+
+
+def test_a_failed_model_reports_the_database_cause_not_only_dbt_headline():
+    from ml.dbt import NodeResult
+
+    node = NodeResult(unique_id="model.crm.fct_orders", status="error", failures=None, execution_time=0.1,
+                      message="Database Error in model fct_orders (models/marts/fct_orders.sql)\n"
+                              "  integer out of range\n  compiled code at target/run/crm/models/marts/fct_orders.sql")
+    text = node.describe()
+    assert "fct_orders" in text and "integer out of range" in text and "compiled code" not in text

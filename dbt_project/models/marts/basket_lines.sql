@@ -16,7 +16,7 @@ final as (
         basket_items.product_id::text as product_id,
         basket_items.category::text as category,
         basket_items.ordered_at::timestamp as ordered_at,
-        basket_items.quantity::integer as quantity
+        basket_items.quantity::bigint as quantity
     from basket_items
     cross join as_of
     where basket_items.order_date <= as_of.as_of_date

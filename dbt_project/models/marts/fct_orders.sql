@@ -35,7 +35,7 @@ final as (
         status::text as status,
         channel::text as channel,
         n_lines::integer as n_lines,
-        n_items::integer as n_items,
+        n_items::bigint as n_items,  -- a hostile batch can sum past 2^31 before its plausibility test fails the run
         gross_revenue::numeric as gross_revenue,
         return_value::numeric as return_value,
         net_revenue::numeric as net_revenue,
