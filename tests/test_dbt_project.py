@@ -294,3 +294,24 @@ def test_a_failed_model_reports_the_database_cause_not_only_dbt_headline():
                               "  integer out of range\n  compiled code at target/run/crm/models/marts/fct_orders.sql")
     text = node.describe()
     assert "fct_orders" in text and "integer out of range" in text and "compiled code" not in text
+
+
+@pytest.mark.parametrize("max_customers", [50000, 2])
+def test_point_in_time_test_catches_a_feature_that_read_after_its_cutoff(built, max_customers):
+    """A feature counting one order too many (as if it read past its cut-off) fails the point-in-time test,
+    on every customer and on the hash sample used above ``pit_test_max_customers`` (2: about half of the
+    customers are checked; every row is tampered, so any sampled one fails)."""
+    settings, _ = built
+    with connect(settings) as conn:
+        conn.execute("update marts.customer_features set n_orders = n_orders + 1")
+        conn.commit()
+    try:
+        with pytest.raises(DbtBuildFailed) as caught:
+            run_dbt(settings, ["test", "--select", "assert_features_do_not_read_after_cutoff"],
+                    vars={"horizon_days": 60, "training_snapshots": 1, "pit_test_max_customers": max_customers})
+        assert "assert_features_do_not_read_after_cutoff" in str(caught.value)
+        assert caught.value.result.failed_nodes[0].failures >= 1
+    finally:
+        with connect(settings) as conn:
+            conn.execute("update marts.customer_features set n_orders = n_orders - 1")
+            conn.commit()
