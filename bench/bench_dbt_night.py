@@ -18,7 +18,7 @@ from dataclasses import replace
 
 import psutil
 
-from bench.pipeline import DBT_VARS, one_new_day
+from bench.pipeline import DBT_VARS, age_history, one_new_day, replay_web_events
 from ml.config import Settings
 from ml.dbt import dbt_build
 from ml.warehouse import connect, create_database, init_schemas, start_embedded
@@ -55,29 +55,6 @@ def _timed_build(settings: Settings, label: str, **kwargs) -> dict:
     return {"wall": wall, "result": result}
 
 
-def _replay_web_events(settings: Settings, day) -> int:
-    """The web events of ``day`` again one day later, in the new day's batch: a real night brings browsing
-    too, and without it the web events' watermark would stay on the (huge) history batch."""
-    with connect(settings) as conn:
-        cur = conn.execute(
-            "insert into raw.web_events (customer_id, session_id, event_type, product_id, event_at, _batch_id) "
-            "select customer_id, 'N' || session_id, event_type, product_id, event_at + interval '1 day', "
-            "(select max(batch_id) from audit.load_batches) "
-            "from raw.web_events where event_at >= %s::date and event_at < %s::date + 1", (day, day))
-        if cur.rowcount == 0:  # a replayed day has no browsing of its own: take the latest day that has
-            last = conn.execute("select max(event_at)::date from raw.web_events where event_at <= %s::date",
-                                (day,)).fetchone()[0]
-            cur = conn.execute(
-                "insert into raw.web_events (customer_id, session_id, event_type, product_id, event_at, _batch_id) "
-                "select customer_id, 'N' || session_id, event_type, product_id, "
-                "event_at + (%s::date + 1 - %s::date) * interval '1 day', "
-                "(select max(batch_id) from audit.load_batches) "
-                "from raw.web_events where event_at >= %s::date and event_at < %s::date + 1",
-                (day, last, last, last))
-        conn.commit()
-        return cur.rowcount
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--customers", type=int, default=100_000)
@@ -110,12 +87,8 @@ def main() -> None:
 
     if args.age_hours:
         # The generator loads the whole history a minute before the build, so every row is inside the
-        # incremental look-back (6 h) and an incremental run would re-process all of it. In production the
-        # history was loaded on earlier nights: move its load time back, as if loaded age_hours ago.
-        with connect(settings) as conn:
-            for table in ("customers", "products", "orders", "order_lines", "web_events"):
-                conn.execute(f"update raw.{table} set _loaded_at = _loaded_at - interval '{args.age_hours} hours'")
-            conn.commit()
+        # incremental look-back (6 h) and an incremental run would re-process all of it.
+        age_history(settings, hours=args.age_hours)
     if not args.skip_full:
         full = _timed_build(settings, "dbt build --full-refresh", full_refresh=True)
     # Two nights: the look-back (6 h before the newest load processed) always re-processes the previous
@@ -127,7 +100,7 @@ def main() -> None:
             end = conn.execute("select latest_valid_order_date from staging.int_as_of").fetchone()[0]
         started = time.perf_counter()
         loaded = one_new_day(settings, end)
-        loaded["raw.web_events"] = _replay_web_events(settings, end)
+        loaded["raw.web_events"] = replay_web_events(settings, end)
         print(f"\nloaded one new day ({loaded}) in {time.perf_counter() - started:.1f} s")
         incremental = _timed_build(settings, f"dbt build (incremental), {night}")
     if not args.skip_full:
