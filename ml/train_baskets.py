@@ -307,6 +307,16 @@ def _metrics_chart(metrics: pd.DataFrame):
 # ---------------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------------
+def _recommendation_table(recs: pd.DataFrame, serving, serving_name: str) -> pd.DataFrame:
+    """A recommender's ranked picks as the published ``product_recommendations`` columns."""
+    recs = recs.assign(
+        product_name=pd.Series(serving.names_, index=serving.items_).reindex(recs["product_id"]).to_numpy(),
+        recommender=serving_name,
+    )[RECOMMENDATION_COLUMNS]
+    recs["rank"] = recs["rank"].astype(np.int64)
+    return recs
+
+
 def train_baskets(
     settings: Settings,
     *,
@@ -443,12 +453,7 @@ def train_baskets(
             serving = clone(fitted_recommender(kept)).fit(customer_lines, products)
             published_version, serving_name = champion, kept.unwrap_python_model().recommender_name
         customers = pd.Index(np.sort(customer_lines["customer_id"].unique()))
-        recs = serving.recommend(customers, n=n_recommendations)
-        recs = recs.assign(
-            product_name=pd.Series(serving.names_, index=serving.items_).reindex(recs["product_id"]).to_numpy(),
-            recommender=serving_name,
-        )[RECOMMENDATION_COLUMNS]
-        recs["rank"] = recs["rank"].astype(np.int64)
+        recs = _recommendation_table(serving.recommend(customers, n=n_recommendations), serving, serving_name)
         timings["recommend_all"] = time.perf_counter() - started
         mlflow.log_metrics({"n_recommendations": len(recs), "n_rules_published": len(rules_table),
                             **{f"{k}_seconds": v for k, v in timings.items()}})
@@ -535,12 +540,8 @@ def score_baskets(
                                    "recommender": serving_name}) as run:
         run_id = run.info.run_id
         started = time.perf_counter()
-        recs = serving.recommend_from_lines(customer_lines, n=n_recommendations)
-        recs = recs.assign(
-            product_name=pd.Series(serving.names_, index=serving.items_).reindex(recs["product_id"]).to_numpy(),
-            recommender=serving_name,
-        )[RECOMMENDATION_COLUMNS]
-        recs["rank"] = recs["rank"].astype(np.int64)
+        recs = _recommendation_table(serving.recommend_from_lines(customer_lines, n=n_recommendations), serving,
+                                     serving_name)
         timings["recommend_all"] = time.perf_counter() - started
         n_customers = int(customer_lines["customer_id"].nunique())
         n_baskets = int(customer_lines["basket_id"].nunique())
