@@ -69,6 +69,17 @@ hence ``ml.<table>``, alone.
 
 If ``publish`` is given a connection that is already inside a transaction, it runs in a savepoint of
 that transaction: several tables can then be published atomically together by the caller.
+
+Carrying rows forward (the incremental night)
+---------------------------------------------
+``carry=CarryForward(from_as_of, keys_table, key_column)`` publishes the frame *plus* the rows of an earlier
+as_of whose ``key_column`` is listed in ``keys_table`` (a table on the same connection, typically a temporary
+one the caller filled with set-based SQL): the rows of customers whose inputs did not change since that
+publish are copied server-side (``insert ... select`` from the earlier partition), never through Python.
+They are written before the metadata columns are added, so they get tonight's run metadata like the frame's
+rows (the run that *published* them); what scored them is the caller's business (e.g. columns
+``scored_as_of`` / ``scored_run_id`` in the frame, carried along). The frame's keys and the carried keys must
+be disjoint (checked before anything is written).
 """
 
 from __future__ import annotations
@@ -83,6 +94,7 @@ from typing import Any
 import pandas as pd
 import psycopg
 import pyarrow as pa
+import pyarrow.compute as pc
 from psycopg import sql
 
 from ml.config import Settings
@@ -93,7 +105,7 @@ SCHEMA = "ml"
 HISTORY_SUFFIX = "_history"
 METADATA_COLUMNS = ("model_name", "model_version", "mlflow_run_id", "as_of", "scored_at")
 # Row-varying columns that differ between two otherwise identical runs: excluded from content checksums.
-RUN_COLUMNS = ("model_version", "mlflow_run_id", "scored_at")
+RUN_COLUMNS = ("model_version", "mlflow_run_id", "scored_at", "scored_run_id")
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]*$")
 # PostgreSQL truncates identifiers at 63 bytes; history partitions add "_history_YYYYMMDD".
 _MAX_TABLE_NAME = 63 - len(HISTORY_SUFFIX) - len("_20240630")
@@ -124,6 +136,17 @@ class PublishReport:
     history_rows_replaced: int  # rows of the same as_of that this publish replaced in the history
     scored_at: dt.datetime
     seconds: float
+    rows_carried: int = 0  # of ``rows``, how many were carried forward from an earlier as_of (``carry``)
+
+
+@dataclass(frozen=True)
+class CarryForward:
+    """Rows of an earlier publish to take over unchanged: those of ``from_as_of`` whose ``key_column`` value
+    is in ``keys_table`` (``table`` or ``schema.table``, visible on the publishing connection)."""
+
+    from_as_of: dt.date
+    keys_table: str
+    key_column: str
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -466,6 +489,7 @@ def publish(
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S,
     scored_at: dt.datetime | None = None,
     index_keys: bool = False,
+    carry: CarryForward | None = None,
 ) -> PublishReport:
     """Publish ``frame`` as ``ml.<table>`` (unless it is a backfill) and as ``as_of``'s rows of the history.
 
@@ -474,7 +498,8 @@ def publish(
     (keys, as_of) the history's primary key: uniqueness enforced by the database and index lookups by
     key, for a unique-index build on every publish (~0.6x the COPY's own cost, so publish then runs at
     about half of raw COPY speed instead of near it); a history keeps the choice it was created with.
-    ``scored_at`` defaults to the transaction's time. Returns a
+    ``scored_at`` defaults to the transaction's time. ``carry`` adds the listed rows of an earlier as_of
+    (see "Carrying rows forward" above; needs a connection, since its keys table lives there). Returns a
     :class:`PublishReport`. Raises :class:`PublishError` for bad input and :class:`PublishLockTimeout`
     when another publish of the same table does not finish within ``lock_timeout`` seconds.
     """
@@ -488,10 +513,13 @@ def publish(
         raise PublishError("run_id must be the MLflow run id of the run that produced the frame")
     if not isinstance(model_name, str) or not model_name.strip():
         raise PublishError("model_name must be a non-empty string")
+    if carry is not None:
+        _validate_carry(carry, frame, settings_or_conn)
     arrow = to_arrow(frame)
     job = _Job(table=table, arrow=arrow, columns=column_types(arrow), key_columns=key_columns, as_of=as_of,
                run_id=run_id, model_name=model_name, version=None if model_version is None else str(model_version),
-               lock_timeout=lock_timeout, scored_at=scored_at, index_keys=index_keys)
+               lock_timeout=lock_timeout, scored_at=scored_at, index_keys=index_keys,
+               carry=carry)
     if isinstance(settings_or_conn, Settings):
         with connect(settings_or_conn) as conn:
             report = _publish(conn, job)
@@ -518,6 +546,7 @@ class _Job:
     lock_timeout: float
     scored_at: dt.datetime | None
     index_keys: bool
+    carry: CarryForward | None = None
 
     @property
     def history(self) -> str:
@@ -559,10 +588,14 @@ def _publish_locked(conn: psycopg.Connection, job: _Job) -> PublishReport:
         scored = job.scored_at or now
         meta = {"model_name": job.model_name, "model_version": job.version, "mlflow_run_id": job.run_id,
                 "as_of": job.as_of, "scored_at": scored}
+        carried = 0
+        if job.carry is not None:
+            _check_carry(conn, job, catalog.get(job.history))
         if job.partition in catalog:
-            replaced, pointer = _rewrite_partition(conn, job, meta)
+            replaced, carried, pointer = _rewrite_partition(conn, job, meta)
         else:
-            replaced, pointer = 0, _write_new_partition(conn, job, history_columns, primary_key, meta)
+            carried, pointer = _write_new_partition(conn, job, history_columns, primary_key, meta)
+            replaced = 0
         updated = pointer.fetchone()
         current = updated[0] if updated else conn.execute(
             sql.SQL("select as_of from {} where table_name = %s").format(_ident(POINTER_TABLE)), [job.table]
@@ -571,7 +604,7 @@ def _publish_locked(conn: psycopg.Connection, job: _Job) -> PublishReport:
         table=f"{SCHEMA}.{job.table}",
         history_table=f"{SCHEMA}.{job.history}",
         as_of=job.as_of,
-        rows=job.arrow.num_rows,
+        rows=job.arrow.num_rows + carried,
         run_id=job.run_id,
         model_name=job.model_name,
         model_version=job.version,
@@ -580,10 +613,11 @@ def _publish_locked(conn: psycopg.Connection, job: _Job) -> PublishReport:
         history_rows_replaced=replaced,
         scored_at=scored,
         seconds=0.0,
+        rows_carried=carried,
     )
 
 
-def _point_to(conn: psycopg.Connection, job: _Job, scored: dt.datetime) -> psycopg.Cursor:
+def _point_to(conn: psycopg.Connection, job: _Job, scored: dt.datetime, n_rows: int) -> psycopg.Cursor:
     """Point ``ml.published_tables`` at this as_of unless the current one is newer (a backfill).
 
     Returns the cursor of the upsert: one row (the as_of) when the pointer moved, none for a backfill.
@@ -603,7 +637,7 @@ def _point_to(conn: psycopg.Connection, job: _Job, scored: dt.datetime) -> psyco
             returning as_of
             """
         ).format(t=_ident(POINTER_TABLE)),
-        [job.table, job.as_of, job.model_name, job.version, job.run_id, job.arrow.num_rows, scored],
+        [job.table, job.as_of, job.model_name, job.version, job.run_id, n_rows, scored],
     )
 
 
@@ -618,10 +652,10 @@ def _copy_into_new_table(conn: psycopg.Connection, name: str, definitions: list[
 
 
 def _write_new_partition(conn: psycopg.Connection, job: _Job, history_columns: dict[str, str],
-                         primary_key: tuple[str, ...], meta: dict[str, Any]) -> psycopg.Cursor:
+                         primary_key: tuple[str, ...], meta: dict[str, Any]) -> tuple[int, psycopg.Cursor]:
     """A new as_of: COPY into a fresh table, index it, then attach it (the only step readers can notice).
 
-    Returns the pointer update's cursor. What keeps this near the speed of a plain COPY:
+    Returns (rows carried forward, the pointer update's cursor). What keeps this near the speed of a plain COPY:
 
     * The run's metadata (model, version, run id, scored_at) is the same on every row, so it is not
       written into the rows at all: those columns are added *after* the COPY with a constant default,
@@ -648,6 +682,8 @@ def _write_new_partition(conn: psycopg.Connection, job: _Job, history_columns: d
     definitions.append(sql.SQL("constraint {} check (as_of = {})").format(
         sql.Identifier(f"{job.partition}_as_of"), sql.Literal(job.as_of)))
     _copy_into_new_table(conn, f"{SCHEMA}.{job.partition}", definitions, job.arrow)
+    # carried rows go in before the metadata columns exist, so they get tonight's run metadata for free
+    carried = _carry_rows(conn, job, _ident(job.partition))
     run_columns = [c for c in history_columns if c in meta and c != "as_of"]
     changes = [sql.SQL("add column {} {}{} default {}").format(
         sql.Identifier(c), sql.SQL(history_columns[c]),
@@ -669,7 +705,7 @@ def _write_new_partition(conn: psycopg.Connection, job: _Job, history_columns: d
             conn.execute(sql.SQL("lock table {} in access exclusive mode").format(_ident(job.history)))
             conn.execute(sql.SQL("alter table {} attach partition {} for values in ({})").format(
                 _ident(job.history), _ident(job.partition), sql.Literal(job.as_of)))
-            return _point_to(conn, job, meta["scored_at"])
+            return carried, _point_to(conn, job, meta["scored_at"], job.arrow.num_rows + carried)
     except psycopg.errors.LockNotAvailable:
         raise PublishLockTimeout(
             f"could not swap in ml.{job.table} within {job.lock_timeout:g}s: a reader transaction has kept "
@@ -677,7 +713,7 @@ def _write_new_partition(conn: psycopg.Connection, job: _Job, history_columns: d
         ) from None
 
 
-def _rewrite_partition(conn: psycopg.Connection, job: _Job, meta: dict[str, Any]) -> tuple[int, psycopg.Cursor]:
+def _rewrite_partition(conn: psycopg.Connection, job: _Job, meta: dict[str, Any]) -> tuple[int, int, psycopg.Cursor]:
     """A rerun of a published as_of: replace that partition's rows with DELETE + INSERT (plain MVCC, so
     readers keep the old rows until commit whatever their isolation level).
 
@@ -685,12 +721,14 @@ def _rewrite_partition(conn: psycopg.Connection, job: _Job, meta: dict[str, Any]
     COPYing straight into the partition with the metadata as constant CSV columns measured slower
     (300k rows: 0.9 s client + 0.8 s server CPU against 0.2 s + 0.6 s), the text timestamps being
     written and parsed on every row; setting defaults on the partition instead would lock readers out.
-    Returns (rows replaced, the pointer update's cursor)."""
+    Carried rows are added to the staging table first (read before the DELETE, so a rerun can carry from
+    the very partition it replaces). Returns (rows replaced, rows carried, the pointer update's cursor)."""
     columns = job.arrow.column_names
     stage = f"_publish_stage_{job.table}"
     conn.execute(sql.SQL("drop table if exists {}").format(sql.Identifier(stage)))
     _copy_into_new_table(conn, stage, [sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(t))
                                        for c, t in job.columns.items()], job.arrow, temporary=True)
+    carried = _carry_rows(conn, job, sql.Identifier(stage))
     names = [*columns, *meta]
     with conn.pipeline():
         deleted = conn.execute(sql.SQL("delete from {}").format(_ident(job.partition)))
@@ -704,8 +742,53 @@ def _rewrite_partition(conn: psycopg.Connection, job: _Job, meta: dict[str, Any]
             ),
             list(meta.values()),
         )
-        pointer = _point_to(conn, job, meta["scored_at"])
-    return deleted.rowcount, pointer
+        pointer = _point_to(conn, job, meta["scored_at"], job.arrow.num_rows + carried)
+    return deleted.rowcount, carried, pointer
+
+
+def _validate_carry(carry: CarryForward, frame: pd.DataFrame, target: Any) -> None:
+    if not isinstance(carry, CarryForward):
+        raise PublishError(f"carry must be a CarryForward, got {type(carry).__name__}")
+    if isinstance(carry.from_as_of, dt.datetime) or not isinstance(carry.from_as_of, dt.date):
+        raise PublishError(f"carry.from_as_of must be a datetime.date, got {carry.from_as_of!r}")
+    for part in str(carry.keys_table).split("."):
+        validate_identifier(part, "carry keys table")
+    validate_identifier(carry.key_column, "carry key column")
+    if carry.key_column not in frame.columns:
+        raise PublishError(f"carry key column {carry.key_column!r} is not a column of the frame")
+    if not isinstance(target, psycopg.Connection):
+        raise PublishError("publish with carry needs the connection that holds the carry keys table, not Settings")
+
+
+def _check_carry(conn: psycopg.Connection, job: _Job, history: _Relation | None) -> None:
+    """The earlier as_of exists and no carried key is also one of the frame's (a row would be doubled)."""
+    carry = job.carry
+    if history is None or not conn.execute(
+            sql.SQL("select exists (select 1 from {} where as_of = %s)").format(_ident(job.history)),
+            [carry.from_as_of]).fetchone()[0]:
+        raise PublishError(f"cannot carry rows of ml.{job.table} from as_of {carry.from_as_of}: nothing was "
+                           "published for that date")
+    keys = pc.unique(job.arrow.column(carry.key_column)).to_pylist()
+    overlap = conn.execute(
+        sql.SQL("select count(*) from {} where {} = any(%s)").format(
+            qualified(carry.keys_table), sql.Identifier(carry.key_column)), [keys]).fetchone()[0]
+    if overlap:
+        raise PublishError(f"{overlap} key(s) of {carry.keys_table}.{carry.key_column} are also in the frame: "
+                           "a customer is either re-scored (frame) or carried forward, never both")
+
+
+def _carry_rows(conn: psycopg.Connection, job: _Job, target: sql.Composable) -> int:
+    """Copy the carried rows of ``job.carry.from_as_of`` (the frame's columns) into ``target``, server-side."""
+    if job.carry is None:
+        return 0
+    carry, columns = job.carry, sql.SQL(", ").join(map(sql.Identifier, job.arrow.column_names))
+    cur = conn.execute(
+        sql.SQL("insert into {target} ({cols}) select {cols} from {history} "
+                "where as_of = %s and {key} in (select {key} from {keys})").format(
+            target=target, cols=columns, history=_ident(job.history), key=sql.Identifier(carry.key_column),
+            keys=qualified(carry.keys_table)),
+        [carry.from_as_of])
+    return cur.rowcount
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -750,6 +833,7 @@ __all__: list[Any] = [
     "PublishError",
     "PublishLockTimeout",
     "PublishReport",
+    "CarryForward",
     "content_checksum",
     "current_as_of",
     "publish",

@@ -462,3 +462,43 @@ def test_run_metadata_is_stored_once_per_partition_not_in_every_row(warehouse):
         defaults = conn.execute("select count(*) from pg_attrdef where adrelid = "
                                 "'ml.customer_segments_history_20240630'::regclass").fetchone()[0]
     assert rows == 30 and defaults == 0
+
+
+def test_carry_forward_copies_listed_rows_of_an_earlier_as_of_and_reruns_are_identical(warehouse):
+    """The incremental night: rescored customers come from the frame, the listed others from yesterday's rows
+    (server-side), both under tonight's run metadata; a rerun that carries from the same date is identical."""
+    from ml.publish import CarryForward
+
+    yesterday = TODAY - dt.timedelta(days=1)
+    full = _segments(40, seed=1)
+    _publish(warehouse, full, as_of=yesterday, run_id="yesterday")
+    rescored = _segments(40, seed=2).iloc[:10]  # customers 0..9 changed; 10..34 unchanged; 35..39 are gone
+    carried_ids = full["customer_id"].iloc[10:35].tolist()
+    with connect(warehouse) as conn:
+        conn.execute("create temp table carry_keys (customer_id text)")
+        conn.execute("insert into carry_keys select unnest(%s::text[])", [carried_ids])
+        carry = CarryForward(yesterday, "carry_keys", "customer_id")
+        with pytest.raises(PublishError, match="Settings"):
+            _publish(warehouse, rescored, run_id="tonight", carry=carry)
+        with pytest.raises(PublishError, match="never both"):
+            _publish(conn, full.iloc[:12], run_id="tonight", carry=carry)
+        with pytest.raises(PublishError, match="nothing was published"):
+            _publish(conn, rescored, run_id="tonight", carry=CarryForward(yesterday - dt.timedelta(days=5),
+                                                                          "carry_keys", "customer_id"))
+        report = _publish(conn, rescored, run_id="tonight", carry=carry)
+        conn.commit()
+        assert (report.rows, report.rows_carried, report.current_as_of) == (35, 25, TODAY)
+        got = read_table(conn, "ml.customer_segments").sort_values("customer_id", ignore_index=True)
+        expected = pd.concat([rescored, full.iloc[10:35]], ignore_index=True)
+        pd.testing.assert_frame_equal(got[expected.columns.tolist()], expected, check_dtype=False)
+        assert set(got["mlflow_run_id"]) == {"tonight"} and set(got["as_of"].astype(str)) == {TODAY.isoformat()}
+        assert conn.execute("select n_rows from ml.published_tables where table_name = 'customer_segments'"
+                            ).fetchone()[0] == 35
+        before = content_checksum(conn, "customer_segments")
+        # a rerun of tonight carrying from tonight's own partition (what a rerun of a scoring night does)
+        again = _publish(conn, rescored, run_id="rerun", carry=CarryForward(TODAY, "carry_keys", "customer_id"))
+        conn.commit()
+        assert (again.rows, again.rows_carried, again.history_rows_replaced) == (35, 25, 35)
+        assert content_checksum(conn, "customer_segments") == before
+        assert conn.execute("select count(*) from ml.customer_segments_history where as_of = %s",
+                            [yesterday]).fetchone()[0] == 40
