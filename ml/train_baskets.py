@@ -40,6 +40,7 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from psycopg import sql
 from sklearn.base import clone
 
@@ -443,17 +444,21 @@ def train_baskets(
             margin=promotion_margin, policy=promotion_policy, metric_name=PROMOTION_METRIC)
         log.info("promotion of %s v%s: %s", model_name, version, decision.reason)
 
-        # publish what the champion recommends (the challenger's fit, or the kept champion's recipe refitted)
+        # publish what the champion recommends: the registered champion's own fitted state (the challenger
+        # just logged, or the kept champion as registered) scoring today's lines, exactly what a scoring
+        # night computes with it, so the next scoring night can carry these rows for unchanged customers
         started = time.perf_counter()
         champion = decision.champion_version_after
         if champion is None or champion == version:
             serving, published_version, serving_name = fitted, version, challenger
         else:
             kept = mlflow.pyfunc.load_model(f"models:/{model_name}/{champion}")
-            serving = clone(fitted_recommender(kept)).fit(customer_lines, products)
+            serving = fitted_recommender(kept)
             published_version, serving_name = champion, kept.unwrap_python_model().recommender_name
-        customers = pd.Index(np.sort(customer_lines["customer_id"].unique()))
-        recs = _recommendation_table(serving.recommend(customers, n=n_recommendations), serving, serving_name)
+        with connect(settings) as conn:
+            fingerprints = copy_out(conn, _input_fingerprints(as_of)).to_pandas()
+        recs = _scored_table(serving.recommend_from_lines(customer_lines, n=n_recommendations), serving,
+                             serving_name, fingerprints, as_of, run_id)
         timings["recommend_all"] = time.perf_counter() - started
         mlflow.log_metrics({"n_recommendations": len(recs), "n_rules_published": len(rules_table),
                             **{f"{k}_seconds": v for k, v in timings.items()}})
@@ -493,6 +498,7 @@ def score_baskets(
     n_recommendations: int = 10,
     model_name: str = MODEL_NAME,
     experiment_name: str = EXPERIMENT,
+    incremental: bool = True,
 ) -> BasketTrainingResult:
     """Publish ``ml.product_recommendations`` for ``as_of`` from the registered champion, without retraining.
 
@@ -501,6 +507,15 @@ def score_baskets(
     (``recommend_from_lines``), so what a customer bought since the champion was trained is not offered
     again and fires its rules. One lightweight MLflow run (tags ``kind=scoring``, ``as_of``,
     ``champion_version``, orchestrator run id) is what the published rows cite, with the champion's version.
+
+    **Only customers whose inputs changed are scored** (``incremental``, the default; see
+    :func:`plan_scoring`): a customer's top-10 is a function of the champion's fitted state and of that
+    customer's own basket lines only (no population statistic, nothing that depends on ``as_of`` itself),
+    so a customer whose lines up to ``as_of`` hash to the same ``input_fingerprint`` as in the published
+    table, under the same champion version, would get exactly the same rows again. Those rows are carried
+    forward server-side (``ml.publish.CarryForward``), keeping their ``scored_as_of`` / ``scored_run_id``;
+    everyone else (new lines, late or re-delivered lines, lines that entered the as_of window, new
+    customers) is scored. A changed champion, a backfill or a table without fingerprints scores everyone.
 
     ``ml.association_rules`` is carried over, not re-mined: mining is the costly, data-sized part of the
     basket family (a full pass of FP-Growth over every basket), rules move slowly from one day to the next,
@@ -511,6 +526,7 @@ def score_baskets(
     Raises :class:`ml.errors.CrmError` when ``model_name`` has no champion (run the training night first).
     """
     from ml.errors import CrmError
+    from ml.publish import CarryForward
 
     if isinstance(as_of, dt.datetime) or not isinstance(as_of, dt.date):
         raise BasketError(f"as_of must be a datetime.date, got {as_of!r}")
@@ -520,49 +536,191 @@ def score_baskets(
     if champion is None:
         raise CrmError(f"no champion recommender to score with: {model_name!r} has no @champion version in "
                        "the MLflow registry; run the full nightly (train_baskets) first")
-    started = time.perf_counter()
-    lines, _ = read_basket_marts(settings, as_of)
-    customer_lines = lines[lines["customer_id"].notna()]
-    if customer_lines.empty:
-        raise RecommenderError("no basket line has a customer: recommendations need known customers")
-    timings["read_marts"] = time.perf_counter() - started
-
-    started = time.perf_counter()
-    loaded = mlflow.pyfunc.load_model(f"models:/{model_name}/{champion}")
-    serving = fitted_recommender(loaded)
-    serving_name = loaded.unwrap_python_model().recommender_name
-    timings["load_champion"] = time.perf_counter() - started
-
-    mlflow.set_experiment(experiment_id=registry.experiment(experiment_name))
-    with registry.parent_run(experiment_name, as_of=as_of, run_name=f"baskets scoring {as_of.isoformat()}",
-                             orchestrator_run_id=orchestrator_run_id,
-                             tags={"family": "baskets", "kind": "scoring", "champion_version": champion,
-                                   "recommender": serving_name}) as run:
-        run_id = run.info.run_id
+    with connect(settings) as conn:
         started = time.perf_counter()
-        recs = _recommendation_table(serving.recommend_from_lines(customer_lines, n=n_recommendations), serving,
-                                     serving_name)
-        timings["recommend_all"] = time.perf_counter() - started
-        n_customers = int(customer_lines["customer_id"].nunique())
-        n_baskets = int(customer_lines["basket_id"].nunique())
-        known = int((serving.customers_.get_indexer(pd.Index(customer_lines["customer_id"].unique())) >= 0).sum())
-        mlflow.log_params({"as_of": as_of.isoformat(), "model_name": model_name, "champion_version": champion,
-                           "n_recommendations": n_recommendations})
-        mlflow.log_metrics({"n_customers": n_customers, "n_customers_known_to_champion": known,
-                            "n_basket_lines": len(customer_lines), "n_recommendations": len(recs),
-                            **{f"{k}_seconds": v for k, v in timings.items()}})
-        registry.require_run(run_id)
-        reports = {"product_recommendations": publish(
-            settings, "product_recommendations", recs, as_of=as_of, run_id=run_id, model_name=model_name,
-            model_version=champion, key_columns=["customer_id", "rank"])}
-        mlflow.set_tags({"published": "ml.product_recommendations", "published_model_version": champion,
-                         "association_rules": "carried over from the last training run"})
-        experiment_id = run.info.experiment_id
+        plan = plan_scoring(conn, as_of=as_of, model_name=model_name, champion_version=champion,
+                            incremental=incremental)
+        n_inputs, n_carried = _stage_inputs(conn, as_of, plan)
+        if n_inputs == 0:
+            raise RecommenderError("no basket line has a customer: recommendations need known customers")
+        lines = _read_lines(conn, sql.SQL(
+            "select basket_id, customer_id, product_id, category, ordered_at, quantity from marts.basket_lines "
+            "where ordered_at < {} and customer_id in (select customer_id from {}) "
+            "order by basket_id, product_id").format(sql.Literal(as_of + dt.timedelta(days=1)),
+                                                     sql.Identifier(_SCORED_TABLE)))
+        fingerprints = copy_out(conn, sql.SQL("select customer_id, input_fingerprint from {}").format(
+            sql.Identifier(_SCORED_TABLE))).to_pandas()
+        timings["plan_and_read"] = time.perf_counter() - started
+        log.info("score_baskets %s: %s; %d customers to score, %d carried", as_of, plan.reason,
+                 n_inputs - n_carried, n_carried)
+
+        started = time.perf_counter()
+        loaded = mlflow.pyfunc.load_model(f"models:/{model_name}/{champion}")
+        serving = fitted_recommender(loaded)
+        serving_name = loaded.unwrap_python_model().recommender_name
+        timings["load_champion"] = time.perf_counter() - started
+
+        mlflow.set_experiment(experiment_id=registry.experiment(experiment_name))
+        with registry.parent_run(experiment_name, as_of=as_of, run_name=f"baskets scoring {as_of.isoformat()}",
+                                 orchestrator_run_id=orchestrator_run_id,
+                                 tags={"family": "baskets", "kind": "scoring", "champion_version": champion,
+                                       "recommender": serving_name, "carried_from": str(plan.carry_from or "")}
+                                 ) as run:
+            run_id = run.info.run_id
+            started = time.perf_counter()
+            picks = (serving.recommend_from_lines(lines, n=n_recommendations) if len(lines)
+                     else pd.DataFrame(columns=list(RECOMMENDATION_COLUMNS)))
+            recs = _scored_table(picks, serving, serving_name, fingerprints, as_of, run_id)
+            timings["recommend_changed"] = time.perf_counter() - started
+            known = (int((serving.customers_.get_indexer(pd.Index(lines["customer_id"].unique())) >= 0).sum())
+                     if len(lines) else 0)
+            mlflow.log_params({"as_of": as_of.isoformat(), "model_name": model_name, "champion_version": champion,
+                               "n_recommendations": n_recommendations, "scoring_plan": plan.reason[:500]})
+            mlflow.log_metrics({"n_customers": n_inputs, "n_customers_scored": n_inputs - n_carried,
+                                "n_customers_carried": n_carried, "n_customers_known_to_champion": known,
+                                "n_basket_lines_read": len(lines), "n_recommendations_scored": len(recs),
+                                **{f"{k}_seconds": v for k, v in timings.items()}})
+            registry.require_run(run_id)
+            carry = (CarryForward(plan.carry_from, _CARRY_TABLE, "customer_id") if plan.carry_from is not None
+                     else None)
+            report = publish(conn, "product_recommendations", recs, as_of=as_of, run_id=run_id,
+                             model_name=model_name, model_version=champion, key_columns=["customer_id", "rank"],
+                             carry=carry, allow_empty=carry is not None)
+            conn.commit()
+            mlflow.log_metric("n_recommendations", report.rows)
+            mlflow.set_tags({"published": "ml.product_recommendations", "published_model_version": champion,
+                             "association_rules": "carried over from the last training run"})
+            experiment_id = run.info.experiment_id
+    timings["rows_carried"] = float(report.rows_carried)
 
     return BasketTrainingResult(
         as_of=as_of, run_id=run_id, experiment_id=experiment_id, model_name=model_name, model_version=champion,
         challenger=serving_name, champion_version=champion, promoted=False,
-        promotion_reason=f"scored with champion {model_name} v{champion} ({serving_name}); no retraining",
+        promotion_reason=f"scored with champion {model_name} v{champion} ({serving_name}); no retraining; "
+                         f"{plan.reason}: {n_inputs - n_carried} customers scored, {n_carried} carried",
         published_model_version=champion, metrics=pd.DataFrame(columns=list(METRICS)), rules={}, n_itemsets={},
-        n_baskets=n_baskets, n_customers=n_customers, reports=reports, seconds=timings,
+        n_baskets=int(lines["basket_id"].nunique()) if len(lines) else 0, n_customers=n_inputs,
+        reports={"product_recommendations": report}, seconds=timings,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What changed since the published recommendations (the incremental scoring night)
+# ---------------------------------------------------------------------------------------------------------
+# Session temporary tables of the scoring connection: every customer's input fingerprint tonight, the
+# customers whose rows are carried, and the ones to score.
+_INPUTS_TABLE = "_recommendation_inputs"
+_CARRY_TABLE = "_recommendation_carry"
+_SCORED_TABLE = "_recommendation_scored"
+
+
+@dataclass(frozen=True)
+class ScoringPlan:
+    """Where tonight's unchanged customers' rows come from: ``carry_from`` (an as_of of the published table)
+    or nowhere (None: every customer is scored), and why."""
+
+    carry_from: dt.date | None
+    reason: str
+
+
+def _input_fingerprints(as_of: dt.date) -> sql.Composed:
+    """Per customer, a 64-bit digest of exactly what ``recommend_from_lines`` reads of them: the
+    (basket, product, time) of every basket line up to ``as_of``, and how many there are. Order-independent
+    (xor of row hashes), so it is one hash aggregate over ``marts.basket_lines``, no sort."""
+    return sql.SQL(
+        "select customer_id, "
+        "bit_xor(hashtextextended(basket_id || '|' || product_id || '|' || ordered_at::text, 0)) "
+        "# hashint8extended(count(*), 0) as input_fingerprint "
+        "from marts.basket_lines where ordered_at < {} and customer_id is not null group by customer_id"
+    ).format(sql.Literal(as_of + dt.timedelta(days=1)))
+
+
+def plan_scoring(conn, *, as_of: dt.date, model_name: str, champion_version: str,
+                 incremental: bool = True) -> ScoringPlan:
+    """Carry unchanged customers only from a published table of the same champion version (a changed
+    champion, or a retrain night, scores everyone), for an as_of not after tonight's (a backfill scores
+    everyone), and that has input fingerprints (tables of earlier versions do not)."""
+    if not incremental:
+        return ScoringPlan(None, "full rescore requested")
+    published = None
+    if conn.execute("select to_regclass('ml.published_tables') is not null").fetchone()[0]:
+        published = conn.execute("select as_of, model_name, model_version from ml.published_tables "
+                                 "where table_name = 'product_recommendations'").fetchone()
+    if published is None:
+        return ScoringPlan(None, "no published recommendations yet: every customer scored")
+    prev_as_of, prev_model, prev_version = published
+    if prev_as_of > as_of:
+        return ScoringPlan(None, f"backfill of {as_of} before the published {prev_as_of}: every customer scored")
+    if prev_model != model_name or str(prev_version) != str(champion_version):
+        return ScoringPlan(None, f"published rows are of {prev_model} v{prev_version}, the champion is "
+                                 f"{model_name} v{champion_version}: every customer scored")
+    has_fingerprints = conn.execute(
+        "select exists (select 1 from information_schema.columns where table_schema = 'ml' "
+        "and table_name = 'product_recommendations_history' and column_name = 'input_fingerprint')").fetchone()[0]
+    if not has_fingerprints:
+        return ScoringPlan(None, "published rows have no input fingerprints: every customer scored")
+    return ScoringPlan(prev_as_of, f"unchanged customers carried from {prev_as_of} (champion v{champion_version})")
+
+
+def _stage_inputs(conn, as_of: dt.date, plan: ScoringPlan) -> tuple[int, int]:
+    """Fill the session's temporary tables (set-based, on the server): tonight's fingerprints, the customers
+    to carry (same fingerprint in the published rows of ``plan.carry_from``) and the ones to score.
+    Returns (customers with lines, customers carried). Committed, so scoring runs outside a transaction."""
+    inputs, carry, scored = map(sql.Identifier, (_INPUTS_TABLE, _CARRY_TABLE, _SCORED_TABLE))
+    conn.execute(sql.SQL("drop table if exists {}, {}, {}").format(inputs, carry, scored))
+    conn.execute(sql.SQL("create temp table {} as {}").format(inputs, _input_fingerprints(as_of)))
+    if plan.carry_from is not None:
+        # rank 1: one row per customer of the published table (every customer there has a first pick)
+        conn.execute(sql.SQL(
+            "create temp table {carry} as select i.customer_id from {inputs} i "
+            "join ml.product_recommendations_history h on h.customer_id = i.customer_id "
+            "and h.input_fingerprint = i.input_fingerprint where h.as_of = %s and h.rank = 1"
+        ).format(carry=carry, inputs=inputs), [plan.carry_from])
+    else:
+        conn.execute(sql.SQL("create temp table {} (customer_id text)").format(carry))
+    conn.execute(sql.SQL(
+        "create temp table {scored} as select i.customer_id, i.input_fingerprint from {inputs} i "
+        "where not exists (select 1 from {carry} c where c.customer_id = i.customer_id)"
+    ).format(scored=scored, inputs=inputs, carry=carry))
+    # statistics for the semi-join that reads the scored customers' lines (temp tables get none otherwise)
+    conn.execute(sql.SQL("analyze {}").format(scored))
+    counts = conn.execute(sql.SQL("select (select count(*) from {}), (select count(*) from {})").format(
+        inputs, carry)).fetchone()
+    conn.commit()
+    return int(counts[0]), int(counts[1])
+
+
+def _read_lines(conn, query: sql.Composable) -> pd.DataFrame:
+    lines = copy_out(conn, query).to_pandas()
+    if lines.empty:
+        return pd.DataFrame({c: pd.Series(dtype="str") for c in ("basket_id", "customer_id", "product_id",
+                                                                  "category")})
+    lines = lines.astype({"basket_id": "str", "product_id": "str", "category": "str"})
+    lines["customer_id"] = lines["customer_id"].astype("str")
+    lines["ordered_at"] = pd.to_datetime(lines["ordered_at"])
+    return lines
+
+
+def _scored_table(picks: pd.DataFrame, serving, serving_name: str, fingerprints: pd.DataFrame, as_of: dt.date,
+                  run_id: str) -> pd.DataFrame:
+    """The published frame: the picks (``_recommendation_table``) plus what scored them and on which inputs
+    (``scored_as_of``, ``scored_run_id``, ``input_fingerprint``), with fixed column types so that an empty
+    frame (a rerun with nothing changed) publishes into the same columns."""
+    if len(picks):
+        recs = _recommendation_table(picks, serving, serving_name)
+        fp = pd.Series(fingerprints["input_fingerprint"].to_numpy(np.int64),
+                       index=fingerprints["customer_id"].astype("str").to_numpy())
+        found = fp.reindex(recs["customer_id"].to_numpy())
+        if found.isna().any():
+            raise RecommenderError("a recommended customer has no input fingerprint (lines read inconsistently)")
+        recs["input_fingerprint"] = found.to_numpy(np.int64)
+    else:
+        recs = pd.DataFrame({c: pd.Series(dtype="str") for c in RECOMMENDATION_COLUMNS})
+        recs["input_fingerprint"] = pd.Series(dtype="int64")
+    recs = recs.astype({"customer_id": "str", "rank": "int64", "product_id": "str", "product_name": "str",
+                        "score": "float64", "method": "str", "reason": "str", "recommender": "str"})
+    recs.insert(len(RECOMMENDATION_COLUMNS), "scored_as_of",
+                pd.array([as_of] * len(recs), dtype=pd.ArrowDtype(pa.date32())))
+    recs.insert(len(RECOMMENDATION_COLUMNS) + 1, "scored_run_id", pd.Series([run_id] * len(recs), dtype="str",
+                                                                             index=recs.index))
+    return recs.reset_index(drop=True)
