@@ -10,7 +10,10 @@ and the peak RSS of this process tree and of the PostgreSQL server tree):
 * ``publish ml.*``              ``ml.publish.publish`` of every output table (rows = all published rows)
 * ``load one new day``          one more day of orders on top of the built warehouse (see :func:`one_new_day`)
 * ``dbt build (incremental)``   the same ``dbt build`` again: incremental models only process the new batch
-* ``score + publish (incremental)``  the night's models re-score the updated marts and publish (no retrain)
+* ``score + publish (incremental)``  the nightly's own scoring path (``ml.nightly.train_segments`` /
+                                ``train_value`` / ``train_baskets`` under ``retrain=auto``, whose policy keeps
+                                the day-old champions): segments and values for every customer, recommendations
+                                only for customers whose basket lines changed (the rest carried forward)
 * ``nightly (full)`` / ``nightly (incremental)``  sums of the above, the figures the targets are about
 
 A family whose module or entry point does not exist is skipped with a printed note.
@@ -294,16 +297,21 @@ def _train_baskets(settings, mine_rules, step, trained) -> None:
 
 
 def _train_recommend(settings, hybrid_class, step, trained) -> None:
+    from ml.train_baskets import recommendation_frame
+
     lines = trained.get("basket_lines")
     if lines is None:
         lines = _read(settings, "marts.basket_lines")
     products = _read(settings, "marts.dim_products")
     model = hybrid_class().fit(lines, products)
-    customers = model.customers_
-    recs = model.recommend(customers, n=10)
-    trained["frames"]["product_recommendations"] = (_publishable(recs), ["customer_id", "rank"])
+    # what the training night publishes: the fitted model scoring every customer's lines, with the inputs'
+    # fingerprints (so that the incremental night can carry unchanged customers, as in production)
+    recs = recommendation_frame(settings, model, "hybrid", lines, as_of=_as_of(settings), run_id=RUN_ID)
+    trained["recommender"] = model
+    trained["frames"]["product_recommendations"] = (recs, ["customer_id", "rank"])
     step.rows = len(lines)
-    step.notes.update(customers=len(customers), recommendations=len(recs), weights=getattr(model, "weights_", None))
+    step.notes.update(customers=int(recs["customer_id"].nunique()), recommendations=len(recs),
+                      weights=getattr(model, "weights_", None))
 
 
 _TRAINERS = {
@@ -335,6 +343,12 @@ def _rules_for_publish(rules: pd.DataFrame) -> pd.DataFrame:
     return _publishable(out.drop(columns=["antecedent", "consequent"]))
 
 
+# The registered model each published table comes from (the nightly's names), so that the incremental
+# night's scoring path finds the full night's tables published by its champions.
+PUBLISHED_MODEL = {"customer_segments": "crm_segmentation", "segment_profiles": "crm_segmentation",
+                   "customer_scores": "crm_clv", "product_recommendations": "crm_recommender"}
+
+
 def publish_all(bench: Bench, settings: Settings, frames: dict, as_of: dt.date, name: str = PUBLISH) -> None:
     from ml.publish import publish
 
@@ -343,8 +357,8 @@ def publish_all(bench: Bench, settings: Settings, frames: dict, as_of: dt.date, 
         per_table = {}
         for table, (frame, keys) in frames.items():
             try:
-                report = publish(settings, table, frame, as_of=as_of, run_id=RUN_ID, model_name=table,
-                                 model_version=1, key_columns=keys)
+                report = publish(settings, table, frame, as_of=as_of, run_id=RUN_ID,
+                                 model_name=PUBLISHED_MODEL.get(table, table), model_version=1, key_columns=keys)
             except Exception as err:  # a frame publish refuses: name it, publish the others
                 step.notes.setdefault("error", {})[table] = f"{type(err).__name__}: {str(err)[:300]}"
                 log(f"ERROR  publish {table}: {step.notes['error'][table]}")
@@ -429,6 +443,9 @@ def age_history(settings: Settings, *, hours: int) -> None:
 def incremental_night(bench: Bench, settings: Settings, end_date: dt.date, trained: dict) -> None:
     from ml.dbt import dbt_build
 
+    # The full night's models as registered champions (training ran without MLflow): not timed, it is
+    # what the full night's training runs leave behind in production.
+    register_champions(settings, trained, _as_of(settings))
     # The history as loaded a day earlier and staged by the full build: tonight's look-back then holds only
     # the new day (production also re-processes the previous night's batch inside the look-back: one day).
     age_history(settings, hours=24)
@@ -446,34 +463,88 @@ def incremental_night(bench: Bench, settings: Settings, end_date: dt.date, train
     rescore(bench, settings, trained)
 
 
-def rescore(bench: Bench, settings: Settings, trained: dict) -> None:
-    """No retrain: the night's models score the rebuilt marts and the scores are published (the policy
-    retrains only when asked; a new day does not change the models enough to pay for a full fit)."""
-    from ml.publish import publish
-    from ml.value import score_customers
+def register_champions(settings: Settings, trained: dict, as_of: dt.date) -> dict[str, str]:
+    """Log and register the full night's fitted models as version-1 champions in the benchmark's own MLflow
+    store, tagged with the night's as_of and customer count like the nightly's training runs, so the
+    retrain policy sees day-old champions tomorrow. Returns model name -> version."""
+    import mlflow
+    from mlflow import MlflowClient
 
+    from ml import registry
+    from ml.nightly import N_CUSTOMERS_METRIC, current_customers
+
+    registry.configure(settings)
+    client, versions = MlflowClient(), {}
+    n_customers = float(current_customers(settings))
+
+    def register(experiment: str, name: str, log_model) -> None:
+        with registry.parent_run(experiment, as_of=as_of, run_name=f"bench {name} {as_of}"):
+            mlflow.log_metric(N_CUSTOMERS_METRIC, n_customers)
+            info = log_model(name)
+        versions[name] = str(info.registered_model_version)
+        client.set_registered_model_alias(name, registry.CHAMPION_ALIAS, versions[name])
+
+    if "segment_model" in trained:
+        from ml import segmentation
+
+        example = _read(settings, "marts.customer_features").head(5)
+        model = trained["segment_model"]
+        register(segmentation.EXPERIMENT, segmentation.MODEL_NAME, lambda name: registry.log_pyfunc_model(
+            segmentation._pyfunc(model), input_example=example[model.input_columns], registered_model_name=name))
+    if "value_model" in trained:
+        from ml import value
+
+        example = _read(settings, "marts.clv_scoring_set").head(5)
+        for name, model in ((value.CLV_MODEL_NAME, trained["value_model"]),
+                            (value.CHURN_MODEL_NAME, trained["churn_model"])):
+            register(value.EXPERIMENT, name, lambda name, model=model: registry.log_pyfunc_model(
+                value._value_pyfunc(model), input_example=example, name=name, registered_model_name=name))
+    if "recommender" in trained:
+        from ml import train_baskets
+        from ml.recommender_model import log_recommender
+
+        model = trained["recommender"]
+        register(train_baskets.EXPERIMENT, train_baskets.MODEL_NAME, lambda name: log_recommender(
+            model, recommender_name="hybrid", registered_model_name=name,
+            example_customer=str(model.customers_[0]), example_basket=[str(model.items_[0])]))
+    log(f"note   registered the full night's models as champions: {versions}")
+    return versions
+
+
+def rescore(bench: Bench, settings: Settings, trained: dict) -> None:
+    """The nightly's scoring path on the rebuilt marts: each family's retrain decision (``retrain=auto``:
+    the day-old champions are kept) and its score function, publishing through ``ml.publish``. Segments and
+    values are re-scored for every customer (they depend on as_of); recommendations only for customers
+    whose basket lines changed, the rest carried forward (``ml.train_baskets.score_baskets``)."""
+    from ml import nightly
+
+    params = nightly.validate({})
+    families = {"segmentation": ("segment_model", nightly.train_segments),
+                "value": ("value_model", nightly.train_value),
+                "baskets": ("recommender", nightly.train_baskets)}
     with bench.step(RESCORE) as step:
         as_of = _as_of(settings)
-        rows, per_table = 0, {}
-        frames = {}
-        if "segment_model" in trained:
-            features = _read(settings, "marts.customer_features")
-            model = trained["segment_model"]
-            ids = model.predict(features)
-            names = pd.Series(ids).map(model.segment_names)  # vectorised: no Python loop per customer
-            frames["customer_segments"] = pd.DataFrame({
-                "customer_id": features["customer_id"].to_numpy(), "segment_id": ids,
-                "segment_name": names.fillna("Segment " + pd.Series(ids).astype(str)).to_numpy()})
-        if "value_model" in trained:
-            scoring = _read(settings, "marts.clv_scoring_set")
-            frames["customer_scores"] = score_customers(scoring, trained["value_model"], trained["churn_model"])
-        for table, frame in frames.items():
-            report = publish(settings, table, frame, as_of=as_of, run_id=RUN_ID, model_name=table,
-                             model_version=1, key_columns=["customer_id"])
-            rows += report.rows
-            per_table[table] = report.rows
+        loaded = {"as_of": as_of.isoformat()}
+        rows, per_family = 0, {}
+        for family, (key, score) in families.items():
+            if key not in trained:
+                continue
+            started, cpu = time.perf_counter(), _cpu_seconds()
+            try:
+                result = score(settings, params, loaded, orchestrator_run_id="bench")
+            except Exception as err:  # one family failing must not hide the others' figures
+                per_family[family] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+                log(f"ERROR  rescore {family}: {per_family[family]['error']}")
+                continue
+            published = result.get("published", {})
+            rows += sum(published.values())
+            per_family[family] = {"action": result.get("action"), "reason": result.get("action_reason"),
+                                  "published": published, "carried": result.get("carried", {}),
+                                  "seconds": round(time.perf_counter() - started, 2),
+                                  "cpu_s": round(_cpu_seconds() - cpu, 2)}
+            log(f"       {family}: {per_family[family]}")
         step.rows = rows
-        step.notes.update(as_of=as_of.isoformat() if as_of else None, tables=per_table)
+        step.notes.update(as_of=as_of.isoformat(), families=per_family)
 
 
 def add_totals(bench: Bench) -> None:

@@ -169,6 +169,8 @@ def train_baskets(settings: Settings, params: Mapping[str, Any], loaded: Mapping
         "promoted": bool(result.promoted),
         "reason": result.promotion_reason,
         "published": {name: int(getattr(r, "rows", 0) or 0) for name, r in result.reports.items()},
+        # rows carried forward unchanged from the previous night (customers whose lines did not change)
+        "carried": {name: int(getattr(r, "rows_carried", 0) or 0) for name, r in result.reports.items()},
         "n_itemsets": {k: int(v) for k, v in result.n_itemsets.items()},
         "n_baskets": int(result.n_baskets),
     }

@@ -455,10 +455,8 @@ def train_baskets(
             kept = mlflow.pyfunc.load_model(f"models:/{model_name}/{champion}")
             serving = fitted_recommender(kept)
             published_version, serving_name = champion, kept.unwrap_python_model().recommender_name
-        with connect(settings) as conn:
-            fingerprints = copy_out(conn, _input_fingerprints(as_of)).to_pandas()
-        recs = _scored_table(serving.recommend_from_lines(customer_lines, n=n_recommendations), serving,
-                             serving_name, fingerprints, as_of, run_id)
+        recs = recommendation_frame(settings, serving, serving_name, customer_lines, as_of=as_of, run_id=run_id,
+                                    n=n_recommendations)
         timings["recommend_all"] = time.perf_counter() - started
         mlflow.log_metrics({"n_recommendations": len(recs), "n_rules_published": len(rules_table),
                             **{f"{k}_seconds": v for k, v in timings.items()}})
@@ -688,6 +686,17 @@ def _stage_inputs(conn, as_of: dt.date, plan: ScoringPlan) -> tuple[int, int]:
         inputs, carry)).fetchone()
     conn.commit()
     return int(counts[0]), int(counts[1])
+
+
+def recommendation_frame(settings: Settings, serving, serving_name: str, lines: pd.DataFrame, *, as_of: dt.date,
+                         run_id: str, n: int = 10) -> pd.DataFrame:
+    """Every customer of ``lines`` (all of ``marts.basket_lines`` up to ``as_of``) scored by ``serving`` as a
+    scoring night would, as the published frame with each customer's input fingerprint: what a training
+    night publishes (and the benchmark's full night)."""
+    with connect(settings) as conn:
+        fingerprints = copy_out(conn, _input_fingerprints(as_of)).to_pandas()
+    return _scored_table(serving.recommend_from_lines(lines, n=n), serving, serving_name, fingerprints, as_of,
+                         run_id)
 
 
 def _read_lines(conn, query: sql.Composable) -> pd.DataFrame:
