@@ -14,9 +14,11 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import psycopg
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 from psycopg import sql
 
@@ -237,26 +239,157 @@ def qualified(table: str) -> sql.Composed:
     return sql.SQL(".").join(sql.Identifier(p) for p in parts)
 
 
-def copy_in(conn: psycopg.Connection, table: str, frame: pd.DataFrame | pa.Table) -> int:
+def copy_in(
+    conn: psycopg.Connection, table: str, frame: pd.DataFrame | pa.Table, *, binary: bool = False
+) -> int:
     """COPY a DataFrame (or Arrow table) into ``table``; columns are matched by name. Returns rows copied.
 
-    The frame is written as CSV by Arrow's C++ writer, so nothing loops over rows in Python.
+    The frame is written as CSV by Arrow's C++ writer, so nothing loops over rows in Python. With ``binary``
+    it goes in PostgreSQL's binary format instead when every column has an exact binary form here (text,
+    integers, timestamps) and few row layouts (see :func:`binary_copy_chunks`); otherwise still as CSV.
     """
     arrow = frame if isinstance(frame, pa.Table) else pa.Table.from_pandas(frame, preserve_index=False)
     if arrow.num_rows == 0:
         return 0
+    columns = sql.SQL(", ").join(sql.Identifier(c) for c in arrow.column_names)
+    if binary:
+        types = dict(conn.execute(
+            "select attname, format_type(atttypid, null) from pg_attribute "
+            "where attrelid = %s::regclass and attnum > 0 and not attisdropped", [table]).fetchall())
+        chunks = binary_copy_chunks(arrow, [types.get(c, "") for c in arrow.column_names])
+        if chunks is not None:
+            statement = sql.SQL("copy {} ({}) from stdin (format binary)").format(qualified(table), columns)
+            with conn.cursor() as cur, cur.copy(statement) as copy:
+                for chunk in chunks:
+                    view = memoryview(chunk).cast("B")
+                    for start in range(0, len(view), 1 << 20):
+                        copy.write(view[start : start + (1 << 20)])
+            return arrow.num_rows
     # pyarrow 25's CSV writer emits garbage (stale or zero bytes) for a column whose chunks start with an
     # empty one, which pd.concat with an empty frame produces: drop empty chunks first (zero-copy).
     arrow = pa.Table.from_batches([b for b in arrow.to_batches() if b.num_rows], schema=arrow.schema)
     buffer = io.BytesIO()
     pacsv.write_csv(arrow, buffer, pacsv.WriteOptions(include_header=False, quoting_style="needed"))
-    columns = sql.SQL(", ").join(sql.Identifier(c) for c in arrow.column_names)
     statement = sql.SQL("copy {} ({}) from stdin (format csv)").format(qualified(table), columns)
     with conn.cursor() as cur, cur.copy(statement) as copy:
         view = buffer.getbuffer()
         for start in range(0, len(view), 1 << 20):
             copy.write(view[start : start + (1 << 20)])
     return arrow.num_rows
+
+
+# PostgreSQL's binary COPY: a fixed header, then per row a field count and (length, bytes) per field.
+_BINARY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
+_BINARY_TRAILER = b"\xff\xff"
+_PG_EPOCH_US = 946_684_800 * 1_000_000  # 2000-01-01 in microseconds since 1970
+_UNIT_US = {"s": 1_000_000, "ms": 1_000, "us": 1}
+# A text column is encoded either as fixed-width values (ids) or from a small vocabulary (statuses).
+_MAX_VOCABULARY = 64
+_MAX_ROW_LAYOUTS = 256
+
+
+def _binary_columns(arrow: pa.Table, pg_types: list[str]) -> list[tuple] | None:
+    """Each column as ``(codes, span, values)``: ``codes`` (per row, < ``span``; None when always 1) say which
+    layout the field has in that row, 0 = null; ``values`` is either a list of byte strings indexed by code
+    (a vocabulary: the field's bytes follow from its code) or ``(matrix, position)``: the row's bytes are
+    ``matrix[position[row]]`` (``matrix[row]`` when ``position`` is None), all of one width. None when a
+    column has no such form (numeric, free text, a type that does not match the target column exactly):
+    then CSV is used."""
+    for kind, pg_type in zip(arrow.schema.types, pg_types, strict=True):  # cheap check before any work
+        if not ((pg_type == "text" and pa.types.is_string(kind))
+                or (pg_type == "bigint" and pa.types.is_integer(kind) and kind != pa.uint64())
+                or (pg_type == "integer" and kind in (pa.int8(), pa.int16(), pa.int32(), pa.uint8(), pa.uint16()))
+                or (pg_type == "timestamp without time zone" and pa.types.is_timestamp(kind) and kind.tz is None
+                    and kind.unit in _UNIT_US)):
+            return None
+    out = []
+    for column, pg_type in zip(arrow.columns, pg_types, strict=True):
+        col = column.combine_chunks()
+        n = len(col)
+        valid = col.is_valid().to_numpy(zero_copy_only=False) if col.null_count else None
+        kind = col.type
+        if pg_type == "text" and pa.types.is_string(kind):
+            offsets = np.frombuffer(col.buffers()[1], np.int32, n + 1, col.offset * 4)
+            lengths = np.diff(offsets)
+            live = lengths if valid is None else lengths[valid]
+            width = int(live[0]) if live.size else 0
+            if live.size and (live == width).all() and (valid is None or not lengths[~valid].any()) and width:
+                data = np.frombuffer(col.buffers()[2], np.uint8, offsets[-1] - offsets[0], offsets[0])
+                matrix = data.reshape(-1, width)
+                position = None if valid is None else np.cumsum(valid) - 1
+                codes = None if valid is None else valid.astype(np.int32)
+                out.append((codes, 2, (matrix, position)))
+                continue
+            encoded = pc.dictionary_encode(col)
+            vocabulary = encoded.dictionary.to_pylist()
+            if len(vocabulary) > _MAX_VOCABULARY:
+                return None
+            codes = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32) + 1
+            out.append((codes, len(vocabulary) + 1, [None, *(v.encode() for v in vocabulary)]))
+            continue
+        if pg_type == "timestamp without time zone" and pa.types.is_timestamp(kind) and kind.tz is None \
+                and kind.unit in _UNIT_US:
+            values = col.cast(pa.int64()).fill_null(0).to_numpy(zero_copy_only=False)
+            matrix = (values * _UNIT_US[kind.unit] - _PG_EPOCH_US).astype(">i8")
+        else:  # an integer that fits its column (checked above): no silent wrap-around
+            matrix = col.fill_null(0).to_numpy(zero_copy_only=False).astype(">i8" if pg_type == "bigint" else ">i4")
+        codes = None if valid is None else valid.astype(np.int32)
+        out.append((codes, 2, (matrix.view(np.uint8).reshape(n, -1), None)))
+    return out
+
+
+def binary_copy_chunks(arrow: pa.Table, pg_types: list[str]) -> list | None:
+    """The rows of ``arrow`` in PostgreSQL's binary COPY format, as a list of buffers, or None when CSV is
+    the better (or the only) way for these columns.
+
+    Binary spares the server parsing text; timestamps are its dearest fields to parse (a quarter less
+    server CPU for web events). Rows are grouped by layout (which fields are null, which vocabulary value a
+    status has), so that each group is one fixed-width byte matrix filled column by column, with no loop
+    over rows; the rows go out grouped by layout, not in the frame's order (a raw table has no row order).
+    """
+    columns = _binary_columns(arrow, pg_types)
+    if columns is None:
+        return None
+    key = np.zeros(arrow.num_rows, np.int32)
+    layouts = 1
+    for codes, span, _ in columns:  # one integer per layout: the codes as digits of a mixed radix
+        if codes is None:  # never null, one width: the same in every layout
+            continue
+        key = key * span + codes
+        layouts *= span
+        if layouts > 1 << 22:
+            return None
+    present = np.flatnonzero(np.bincount(key, minlength=layouts))
+    if present.size > _MAX_ROW_LAYOUTS:
+        return None
+    count = np.array([len(columns)], ">i2").view(np.uint8)
+    chunks = [_BINARY_HEADER]
+    for layout in present:
+        rows = np.flatnonzero(key == layout) if present.size > 1 else slice(None)
+        first = 0 if present.size == 1 else rows[0]
+        size = arrow.num_rows if present.size == 1 else rows.size
+        parts = []  # per field: its bytes in this layout (a constant) or the row matrix and positions
+        for codes, _, values in columns:
+            code = 1 if codes is None else int(codes[first])
+            if code == 0:
+                parts.append((-1, None))
+            elif isinstance(values, list):
+                parts.append((len(values[code]), np.frombuffer(values[code], np.uint8)))
+            else:
+                matrix, position = values
+                parts.append((matrix.shape[1], matrix[rows if position is None else position[rows]]))
+        block = np.empty((size, 2 + sum(4 + max(w, 0) for w, _ in parts)), np.uint8)
+        block[:, :2] = count
+        at = 2
+        for width, value in parts:
+            block[:, at : at + 4] = np.array([width], ">i4").view(np.uint8)
+            at += 4
+            if width > 0:
+                block[:, at : at + width] = value
+                at += width
+        chunks.append(block)
+    chunks.append(_BINARY_TRAILER)
+    return chunks
 
 
 def copy_out(conn: psycopg.Connection, query: str | sql.Composable) -> pa.Table:

@@ -1,11 +1,14 @@
 """The warehouse layer: schemas exist, COPY round-trips values exactly, errors are one clear line."""
 
+from datetime import datetime
+
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from ml.config import Settings
 from ml.errors import WarehouseUnavailable
-from ml.warehouse import connect, copy_in, read_table, table_counts
+from ml.warehouse import binary_copy_chunks, connect, copy_in, read_table, table_counts
 
 
 def test_schemas_and_raw_tables_exist(warehouse):
@@ -32,6 +35,65 @@ def test_copy_round_trip_keeps_nulls_quotes_and_newlines(warehouse):
     assert back["product_id"].tolist()[:3] == ["C\"3", "B,2", "A1"]
     assert back["product_name"].tolist() == ["", "line\nbreak", "plain", "emoji ☃"]
     assert back["product_id"].isna().sum() == 1
+
+
+def _web_events(customer_ids, sessions, kinds, products, times) -> pa.Table:
+    return pa.table({
+        "customer_id": pa.array(customer_ids, pa.string()),
+        "session_id": pa.array(sessions, pa.string()),
+        "event_type": pa.array(kinds, pa.string()),
+        "product_id": pa.array(products, pa.string()),
+        "event_at": pa.array(times, pa.timestamp("s")),
+        "_batch_id": pa.array([7] * len(customer_ids), pa.int64()),
+    })
+
+
+def test_binary_copy_loads_the_same_rows_as_csv(warehouse):
+    """Binary COPY (the generator's web events and orders) stores exactly what CSV stores: nulls, empty and
+    multi-byte text, vocabulary and fixed-width ids, timestamps before 1970 / 2000 and after, a sliced frame."""
+    times = [datetime(2025, 12, 31, 23, 59, 59), datetime(1999, 12, 31, 23, 0, 1), None, datetime(1969, 7, 20, 20, 17),
+             datetime(2000, 1, 1), datetime(2024, 2, 29, 12, 30)]
+    frame = _web_events(
+        ["C0000001", "C0000002", None, "C0000004", "C0000005", "C0000006"],
+        ["S1", "S22", "S333", "", "S☃", None],  # variable width, empty, multi-byte, null: a vocabulary
+        ["view", "cart", "search", "view", "search", None],
+        ["P00001", None, "P00003", "P00004", None, "P00006"],
+        times,
+    )
+    frame = pa.concat_tables([frame.slice(0, 2), frame.slice(2)])  # two chunks, the second with an offset
+    types = ["text", "text", "text", "text", "timestamp without time zone", "bigint"]
+    assert binary_copy_chunks(frame, types) is not None  # the binary path is really taken
+    with connect(warehouse) as conn:
+        conn.execute("create table raw.web_events_csv (like raw.web_events including defaults)")
+        assert copy_in(conn, "raw.web_events", frame, binary=True) == 6
+        assert copy_in(conn, "raw.web_events_csv", frame) == 6
+        columns = "customer_id, session_id, event_type, product_id, event_at, _batch_id"
+        binary = conn.execute(f"select {columns} from raw.web_events order by event_at nulls first").fetchall()
+        csv = conn.execute(f"select {columns} from raw.web_events_csv order by event_at nulls first").fetchall()
+    assert binary == csv
+    assert binary[0] == (None, "S333", "search", "P00003", None, 7)
+    assert ("C0000006", None, None, "P00006", datetime(2024, 2, 29, 12, 30), 7) in binary
+    assert ("C0000004", "", "view", "P00004", datetime(1969, 7, 20, 20, 17), 7) in binary
+
+
+def test_binary_copy_falls_back_to_csv_where_it_has_no_exact_form(warehouse):
+    """Free text (too many layouts), numeric columns and integers wider than their column go as CSV, so
+    the server still checks them (an out-of-range quantity is an error, not a wrapped number)."""
+    many = pa.table({"email": [f"user{'x' * i}@example.com" for i in range(300)]})
+    assert binary_copy_chunks(many, ["text"]) is None
+    assert binary_copy_chunks(pa.table({"p": pa.array([1.5])}), ["numeric"]) is None
+    assert binary_copy_chunks(pa.table({"q": pa.array([1], pa.int64())}), ["integer"]) is None
+    lines = pa.table({
+        "order_id": ["O1", "O2"], "line_no": pa.array([1, 2], pa.int32()), "product_id": ["P1", "P2"],
+        "quantity": pa.array([3, 2**40], pa.int64()), "unit_price": [1.25, 2.5], "discount": [0.0, 0.1],
+        "_batch_id": pa.array([1, 1], pa.int64()),
+    })
+    with connect(warehouse) as conn:
+        with pytest.raises(Exception, match="out of range for type integer"):
+            copy_in(conn, "raw.order_lines", lines, binary=True)
+        conn.rollback()
+        assert copy_in(conn, "raw.order_lines", lines.slice(0, 1), binary=True) == 1
+        assert conn.execute("select quantity, unit_price from raw.order_lines").fetchall() == [(3, 1.25)]
 
 
 def test_unreachable_warehouse_is_one_clear_error(tmp_path):

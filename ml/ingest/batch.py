@@ -70,13 +70,13 @@ class Batch:
         assert self.report.batch_id is not None
         return self.report.batch_id
 
-    def copy(self, table: str, frame: pd.DataFrame | pa.Table) -> int:
-        """COPY rows into a raw table, stamping them with this batch."""
+    def copy(self, table: str, frame: pd.DataFrame | pa.Table, *, binary: bool = False) -> int:
+        """COPY rows into a raw table, stamping them with this batch (``binary``: see ``copy_in``)."""
         if isinstance(frame, pa.Table):
             frame = frame.append_column("_batch_id", pa.array(np.full(frame.num_rows, self.batch_id, np.int64)))
         else:
             frame = frame.assign(_batch_id=self.batch_id)
-        n = copy_in(self.conn, table, frame)
+        n = copy_in(self.conn, table, frame, binary=binary)
         self.report.rows_loaded[table] = self.report.rows_loaded.get(table, 0) + n
         return n
 
