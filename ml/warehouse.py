@@ -313,13 +313,16 @@ def _binary_columns(arrow: pa.Table, pg_types: list[str]) -> list[tuple] | None:
             lengths = np.diff(offsets)
             live = lengths if valid is None else lengths[valid]
             width = int(live[0]) if live.size else 0
-            if live.size and (live == width).all() and (valid is None or not lengths[~valid].any()) and width:
-                data = np.frombuffer(col.buffers()[2], np.uint8, offsets[-1] - offsets[0], offsets[0])
-                matrix = data.reshape(-1, width)
-                position = None if valid is None else np.cumsum(valid) - 1
-                codes = None if valid is None else valid.astype(np.int32)
-                out.append((codes, 2, (matrix, position)))
-                continue
+            if width and (live == width).all():
+                # Null slots hold either nothing or a full-width value (Arrow allows both).
+                full = valid is None or (lengths == width).all()
+                if full or not lengths[~valid].any():
+                    data = np.frombuffer(col.buffers()[2], np.uint8, offsets[-1] - offsets[0], offsets[0])
+                    matrix = data.reshape(-1, width)
+                    position = None if full else np.cumsum(valid) - 1
+                    codes = None if valid is None else valid.astype(np.int32)
+                    out.append((codes, 2, (matrix, position)))
+                    continue
             encoded = pc.dictionary_encode(col)
             vocabulary = encoded.dictionary.to_pylist()
             if len(vocabulary) > _MAX_VOCABULARY:
