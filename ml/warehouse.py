@@ -246,7 +246,7 @@ def copy_in(
 
     The frame is written as CSV by Arrow's C++ writer, so nothing loops over rows in Python. With ``binary``
     it goes in PostgreSQL's binary format instead when every column has an exact binary form here (text,
-    integers, timestamps) and few row layouts (see :func:`binary_copy_chunks`); otherwise still as CSV.
+    integers, doubles, booleans, dates, timestamps) and few row layouts (see :func:`binary_copy_chunks`); otherwise still as CSV.
     """
     arrow = frame if isinstance(frame, pa.Table) else pa.Table.from_pandas(frame, preserve_index=False)
     if arrow.num_rows == 0:
@@ -300,7 +300,10 @@ def _binary_columns(arrow: pa.Table, pg_types: list[str]) -> list[tuple] | None:
                 or (pg_type == "bigint" and pa.types.is_integer(kind) and kind != pa.uint64())
                 or (pg_type == "integer" and kind in (pa.int8(), pa.int16(), pa.int32(), pa.uint8(), pa.uint16()))
                 or (pg_type == "timestamp without time zone" and pa.types.is_timestamp(kind) and kind.tz is None
-                    and kind.unit in _UNIT_US)):
+                    and kind.unit in _UNIT_US)
+                or (pg_type == "double precision" and kind == pa.float64())
+                or (pg_type == "boolean" and kind == pa.bool_())
+                or (pg_type == "date" and kind == pa.date32())):
             return None
     out = []
     for column, pg_type in zip(arrow.columns, pg_types, strict=True):
@@ -334,6 +337,12 @@ def _binary_columns(arrow: pa.Table, pg_types: list[str]) -> list[tuple] | None:
                 and kind.unit in _UNIT_US:
             values = col.cast(pa.int64()).fill_null(0).to_numpy(zero_copy_only=False)
             matrix = (values * _UNIT_US[kind.unit] - _PG_EPOCH_US).astype(">i8")
+        elif pg_type == "double precision":  # IEEE 754 as is: bit-exact, like Arrow's shortest CSV text
+            matrix = col.fill_null(0.0).to_numpy(zero_copy_only=False).astype(">f8")
+        elif pg_type == "boolean":
+            matrix = col.fill_null(False).to_numpy(zero_copy_only=False).astype(np.uint8)
+        elif pg_type == "date":  # days since 2000-01-01
+            matrix = (col.cast(pa.int32()).fill_null(0).to_numpy(zero_copy_only=False) - 10_957).astype(">i4")
         else:  # an integer that fits its column (checked above): no silent wrap-around
             matrix = col.fill_null(0).to_numpy(zero_copy_only=False).astype(">i8" if pg_type == "bigint" else ">i4")
         codes = None if valid is None else valid.astype(np.int32)

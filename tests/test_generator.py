@@ -117,6 +117,8 @@ def test_planted_truth_is_stored_and_matches_the_raw_rows(warehouse):
         ).fetchone()
         customers_with_truth = q(
             "select count(*) from raw.customers c join audit.planted_customers p using (customer_id)")
+        # What a foreign key would check (the table has none, for load speed): every row is of this batch.
+        assert q("select count(*) from audit.planted_customers where batch_id <> %s", report.batch_id) == 0
         wrong_sign = q(
             "select count(*) from raw.order_lines l join raw.orders o using (order_id) "
             "where (o.status = 'returned' and l.quantity >= 0) or (o.status <> 'returned' and l.quantity <= 0)")

@@ -1,6 +1,6 @@
 """The warehouse layer: schemas exist, COPY round-trips values exactly, errors are one clear line."""
 
-from datetime import datetime
+from datetime import date, datetime
 
 import pandas as pd
 import pyarrow as pa
@@ -79,6 +79,22 @@ def test_binary_copy_loads_the_same_rows_as_csv(warehouse):
     assert binary[0] == (None, "S333", "search", "P00003", None, 7)
     assert ("C0000006", None, None, "P00006", datetime(2024, 2, 29, 12, 30), 7) in binary
     assert ("C0000004", "", "view", "P00004", datetime(1969, 7, 20, 20, 17), 7) in binary
+
+    typed = pa.table({  # the planted-truth kinds: doubles (bit-exact), booleans, dates, small integers
+        "f": pa.array([0.1, -1e-300, 1.7976931348623157e308, None, 2.5e-7], pa.float64()),
+        "b": pa.array([True, False, None, True, False]),
+        "d": pa.array([date(1900, 1, 1), date(1999, 12, 31), date(2000, 1, 1), None, date(2031, 5, 17)]),
+        "i": pa.array([1, -2, None, 2**31 - 1, -(2**31)], pa.int32()),
+    })
+    assert binary_copy_chunks(typed, ["double precision", "boolean", "date", "integer"]) is not None
+    with connect(warehouse) as conn:
+        conn.execute("create table raw.typed_bin (f double precision, b boolean, d date, i integer)")
+        conn.execute("create table raw.typed_csv (like raw.typed_bin)")
+        copy_in(conn, "raw.typed_bin", typed, binary=True)
+        copy_in(conn, "raw.typed_csv", typed)
+        query = "select f, b, d, i from raw.{} order by i nulls last"
+        assert conn.execute(query.format("typed_bin")).fetchall() == conn.execute(query.format("typed_csv")).fetchall()
+        assert conn.execute("select count(*) from raw.typed_bin where f = 0.1 and b and d = '1900-01-01'").fetchone() == (1,)
 
 
 def test_binary_copy_falls_back_to_csv_where_it_has_no_exact_form(warehouse):
