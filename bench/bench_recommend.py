@@ -10,6 +10,9 @@ fitted on every customer's baskets and scores every customer (top 10, with reaso
 bought) — the nightly ``ml.product_recommendations`` workload — with wall time and peak RSS of this
 process (sampled, ``bench.harness.measure``).
 
+``--parquet DIR``: read the marts from parquet exports of a built warehouse (the 1M template's
+``/work/bench1m/parquet``); ``--customers`` then only labels the rows.
+
 ``--synthetic``: skip the warehouse and dbt and draw order lines in memory (``synthetic_lines``: customers
 with a category taste, Zipf item popularity, ~10 lines per customer as the generator's marts have) — for the
 1M scale, where generating and building the marts would dominate the session.
@@ -102,6 +105,14 @@ def synthetic_lines(customers: int, seed: int, n_products: int | None = None) ->
     return lines.drop_duplicates(["basket_id", "product_id"]).reset_index(drop=True), products
 
 
+def parquet_marts(directory: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``marts.basket_lines`` and ``marts.dim_products`` from parquet exports (lines with a customer only)."""
+    lines = pd.read_parquet(directory / "marts.basket_lines.parquet")
+    products = pd.read_parquet(directory / "marts.dim_products.parquet")
+    log(f"  {len(lines):,} basket lines, {len(products):,} products from {directory}")
+    return lines[lines["customer_id"].notna()].reset_index(drop=True), products
+
+
 def bench_models(lines: pd.DataFrame, products: pd.DataFrame, names: list[str], customers: int) -> tuple[list, dict]:
     from sklearn.base import clone
 
@@ -188,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-model", default="hybrid", help="the recipe whose pyfunc latency is measured")
     parser.add_argument("--requests", type=int, default=200, help="baskets asked one at a time")
     parser.add_argument("--synthetic", action="store_true", help="order lines drawn in memory (no warehouse/dbt)")
+    parser.add_argument("--parquet", type=Path, default=None,
+                        help="a directory of mart exports (marts.basket_lines.parquet, marts.dim_products.parquet), "
+                             "e.g. /work/bench1m/parquet: the real marts of a built warehouse, no generation")
     args = parser.parse_args(argv)
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = sorted(set(names) - set(MODELS))
@@ -198,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     fit_rows, latency_rows = [], []
     for customers in args.customers:
         log(f"{customers:,} customers")
-        if args.synthetic:
+        if args.parquet is not None:
+            lines, products = parquet_marts(args.parquet)
+        elif args.synthetic:
             lines, products = synthetic_lines(customers, args.seed)
         else:
             with temp_warehouse() as settings:

@@ -334,6 +334,10 @@ class BaseRecommender(BaseEstimator):
         lines), so purchases made since the model was fitted count and are not offered again. Items the
         model does not know are ignored; customers it has never seen are scored from their lines alone.
         ``customer_ids`` defaults to every customer in ``interactions``.
+
+        Scoring a subset (an incremental night: only the customers with new orders) is this call with the
+        subset's *whole* history lines (not only tonight's): the cost is linear in the lines passed and the
+        customers scored, and each customer's answer does not depend on who else is scored.
         """
         self._check_fitted()
         if n < 1:
