@@ -1,3 +1,7 @@
+{#- Ephemeral: only basket_lines reads it, so it is inlined there rather than written as a second ~10M-row
+    table at 1M customers (plus its ANALYZE and a uniqueness test that re-aggregated it: basket_lines carries
+    the same test on the same rows up to as_of, and the group by makes the pair unique by construction). -#}
+{{ config(materialized='ephemeral') }}
 -- One row per basket (order) × distinct product actually bought: no cancellations, returns, free or negative
 -- prices, or fee codes (POST, M, BANK CHARGES, ...). The input of itemset mining.
 with

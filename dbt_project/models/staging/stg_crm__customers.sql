@@ -14,7 +14,7 @@ source as (
     {%- endif %}
 ),
 
-cleaned as (
+cleaned as not materialized (
     select
         {{ clean_id('customer_id') }} as customer_id,
         nullif(lower(trim(email)), '') as email,

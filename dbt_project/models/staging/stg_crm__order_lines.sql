@@ -14,7 +14,7 @@ source as (
     {%- endif %}
 ),
 
-cleaned as (
+cleaned as not materialized (
     select
         nullif(trim(order_id), '') as order_id,
         line_no,

@@ -15,7 +15,7 @@ source as (
     {%- endif %}
 ),
 
-cleaned as (
+cleaned as not materialized (
     select
         nullif(trim(order_id), '') as order_id,
         {{ clean_id('customer_id') }} as customer_id,

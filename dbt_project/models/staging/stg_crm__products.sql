@@ -14,7 +14,7 @@ source as (
     {%- endif %}
 ),
 
-cleaned as (
+cleaned as not materialized (
     select
         nullif(trim(product_id), '') as product_id,
         nullif(trim(sku), '') as sku,

@@ -24,7 +24,7 @@ source as (
     {%- endif %}
 ),
 
-cleaned as (
+cleaned as not materialized (
     select
         {{ clean_id('customer_id') }} as customer_id,
         nullif(trim(session_id), '') as session_id,
