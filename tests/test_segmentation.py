@@ -147,6 +147,24 @@ def test_model_assigns_new_customers_like_the_fit(planted, result):
         model.predict(one.drop(columns="n_orders"))
 
 
+def test_large_population_path_measures_on_a_sample_and_assigns_everyone(planted, monkeypatch):
+    """Above METRIC_ROWS the candidates are labelled and measured on a seeded sample and k-means is fitted on
+    a sample (KMEANS_FIT_ROWS); the champion still assigns every customer and recovers the planted segments,
+    and a SUBSET of customers is assigned by the model exactly as in the full assignment."""
+    import ml.segmentation as seg
+
+    monkeypatch.setattr(seg, "METRIC_ROWS", 800)
+    monkeypatch.setattr(seg, "MINIBATCH_ABOVE", 1000)
+    monkeypatch.setattr(seg, "KMEANS_FIT_ROWS", 900)
+    X = planted.drop(columns="planted")
+    res = segment_customers(X, families=["kmeans", "gmm"], k_range=range(4, 7), n_bootstrap=2, fit_sample=600,
+                            silhouette_sample=500)
+    assert res.params["metric_rows"] == 800 and len(res.assignments) == len(planted)
+    assert adjusted_rand_score(planted["planted"], res.assignments["segment_id"]) >= ARI_THRESHOLD
+    some = np.random.default_rng(0).choice(len(X), 137, replace=False)
+    assert (res.model.predict(X.iloc[some]) == res.assignments["segment_id"].to_numpy()[some]).all()
+
+
 def test_plots_are_written(planted, result, tmp_path):
     a = plot_k_selection(result.candidates, tmp_path / "k.png")
     b = plot_segment_profiles(planted, result.assignments, tmp_path / "profiles.png")
