@@ -13,6 +13,9 @@ Steps (each on the same frame, in a scratch database on the warehouse server):
 * ``publish_rerun``       the same ``as_of`` again: MVCC delete + insert of that partition's rows via
                           a temporary staging table (rows written twice plus dead tuples: slower, rare).
 * ``publish_backfill``    an older ``as_of``: a new partition, the current table untouched.
+* ``publish_carry``       the incremental scoring night: the next ``as_of`` with 1 % of the rows from
+                          the frame (re-scored customers) and 99 % carried server-side from the previous
+                          as_of (``CarryForward``, keys in a temporary table): rows/s counts all rows.
 * ``indexed_*``           the same four with ``index_keys=True`` (a primary key on (keys, as_of) built on
                           every partition): what the database-enforced key costs.
 
@@ -151,9 +154,25 @@ def run(settings: Settings, rows: int, repeats: int) -> list:
                                          **common)
                         step.rows = report.rows
                     results.append(step)
+                if not index_keys:
+                    results.append(_carry_step(scratch, frame, next_day, server, suffix, common))
     finally:
         drop_database(scratch)
     return results
+
+
+def _carry_step(scratch: Settings, frame: pd.DataFrame, previous: dt.date, server: int | None, suffix: str,
+                common: dict) -> StepResult:
+    """The next as_of after ``previous``: every 100th customer re-scored (the frame), the rest carried."""
+    from ml.publish import CarryForward
+
+    rescored = frame.iloc[::100]
+    with measure(f"publish_carry{suffix}", server_pid=server, reference=f"raw_copy{suffix}") as step:
+        report = publish(scratch, "customer_scores", rescored, as_of=previous + dt.timedelta(days=1),
+                         carry=CarryForward(previous, "customer_id"), **common)
+        step.rows = report.rows
+        step.notes["rows_carried"] = report.rows_carried
+    return step
 
 
 def main(argv: list[str] | None = None) -> None:

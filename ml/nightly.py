@@ -6,6 +6,24 @@ travels between Airflow tasks through XCom) and returns a small JSON-safe dict f
 
 Idempotence per ``as_of``: loads are idempotent by content hash, dbt rebuilds its tables, publish
 replaces the rows of the same ``as_of``, so a rerun or a backfill of a date never duplicates anything.
+
+What a scoring night (retrain policy says "score") recomputes, per published table, and why:
+
+* ``ml.product_recommendations``: only customers whose basket lines up to ``as_of`` changed since the
+  published table (``ml.train_baskets.score_baskets``: a per-customer fingerprint of the lines the
+  recommender reads, compared in SQL); the others' rows are carried forward server-side, saying which run and
+  as_of scored them (``scored_run_id``, ``scored_as_of``). Exact, not an approximation: a customer's top-10 is
+  a function of the champion's fitted state and of that customer's own lines only. A changed champion, a
+  training night or a backfill re-scores everyone. This was the expensive table (top-10 with reasons for
+  every customer: minutes at 1M).
+* ``ml.customer_segments`` / ``ml.segment_profiles``: every customer, every night. The segmentation
+  features include recency and tenure, which move with ``as_of`` for everyone: a customer who buys nothing
+  drifts towards the lapsed segments, which is exactly what campaigns target, so carrying segments forward
+  would leave them stale. Assignment is a nearest-centroid lookup (cheap); profiles are population means.
+* ``ml.customer_scores`` (CLV, churn): every customer, every night. Expected spend and churn depend on
+  recency and tenure (as_of) for everyone, the BG/NBD features are fitted on tonight's cross-section and
+  the value decile is a rank over the whole population.
+* ``ml.association_rules``: not republished on a scoring night (the champion's rules; see score_baskets).
 """
 
 from __future__ import annotations

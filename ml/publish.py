@@ -72,14 +72,16 @@ that transaction: several tables can then be published atomically together by th
 
 Carrying rows forward (the incremental night)
 ---------------------------------------------
-``carry=CarryForward(from_as_of, keys_table, key_column)`` publishes the frame *plus* the rows of an earlier
-as_of whose ``key_column`` is listed in ``keys_table`` (a table on the same connection, typically a temporary
-one the caller filled with set-based SQL): the rows of customers whose inputs did not change since that
-publish are copied server-side (``insert ... select`` from the earlier partition), never through Python.
-They are written before the metadata columns are added, so they get tonight's run metadata like the frame's
-rows (the run that *published* them); what scored them is the caller's business (e.g. columns
-``scored_as_of`` / ``scored_run_id`` in the frame, carried along). The frame's keys and the carried keys must
-be disjoint (checked before anything is written).
+``carry=CarryForward(from_as_of, key_column, except_table)`` publishes the frame *plus* every row of an
+earlier as_of whose ``key_column`` value is neither in the frame nor listed in ``except_table`` (a table on
+the same connection, typically a temporary one the caller filled with set-based SQL: e.g. customers who are
+gone). So the rows of customers whose inputs did not change are copied server-side (``insert ... select``
+from the earlier partition), never through Python. The exclusions are anti-joins against small tables (the
+frame, the exceptions), not a semi-join against the large carried set: measured on 1M rows, deduplicating
+and hashing 990k carried keys cost more than inserting the rows. Carried rows are written before the
+metadata columns are added, so they get tonight's run metadata like the frame's rows (the run that
+*published* them); what scored them is the caller's business (e.g. columns ``scored_as_of`` /
+``scored_run_id`` in the frame, carried along).
 """
 
 from __future__ import annotations
@@ -94,7 +96,6 @@ from typing import Any
 import pandas as pd
 import psycopg
 import pyarrow as pa
-import pyarrow.compute as pc
 from psycopg import sql
 
 from ml.config import Settings
@@ -142,11 +143,12 @@ class PublishReport:
 @dataclass(frozen=True)
 class CarryForward:
     """Rows of an earlier publish to take over unchanged: those of ``from_as_of`` whose ``key_column`` value
-    is in ``keys_table`` (``table`` or ``schema.table``, visible on the publishing connection)."""
+    is not in the frame, nor in ``except_table`` (``table`` or ``schema.table`` with a ``key_column`` column,
+    visible on the publishing connection; None: no exceptions)."""
 
     from_as_of: dt.date
-    keys_table: str
     key_column: str
+    except_table: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -751,42 +753,45 @@ def _validate_carry(carry: CarryForward, frame: pd.DataFrame, target: Any) -> No
         raise PublishError(f"carry must be a CarryForward, got {type(carry).__name__}")
     if isinstance(carry.from_as_of, dt.datetime) or not isinstance(carry.from_as_of, dt.date):
         raise PublishError(f"carry.from_as_of must be a datetime.date, got {carry.from_as_of!r}")
-    for part in str(carry.keys_table).split("."):
-        validate_identifier(part, "carry keys table")
+    if carry.except_table is not None:
+        for part in str(carry.except_table).split("."):
+            validate_identifier(part, "carry except table")
+        if not isinstance(target, psycopg.Connection):
+            raise PublishError("publish with carry.except_table needs the connection that holds that table, "
+                               "not Settings")
     validate_identifier(carry.key_column, "carry key column")
     if carry.key_column not in frame.columns:
         raise PublishError(f"carry key column {carry.key_column!r} is not a column of the frame")
-    if not isinstance(target, psycopg.Connection):
-        raise PublishError("publish with carry needs the connection that holds the carry keys table, not Settings")
 
 
 def _check_carry(conn: psycopg.Connection, job: _Job, history: _Relation | None) -> None:
-    """The earlier as_of exists and no carried key is also one of the frame's (a row would be doubled)."""
+    """The earlier as_of was published (carrying from nothing would silently publish only the frame)."""
     carry = job.carry
     if history is None or not conn.execute(
             sql.SQL("select exists (select 1 from {} where as_of = %s)").format(_ident(job.history)),
             [carry.from_as_of]).fetchone()[0]:
         raise PublishError(f"cannot carry rows of ml.{job.table} from as_of {carry.from_as_of}: nothing was "
                            "published for that date")
-    keys = pc.unique(job.arrow.column(carry.key_column)).to_pylist()
-    overlap = conn.execute(
-        sql.SQL("select count(*) from {} where {} = any(%s)").format(
-            qualified(carry.keys_table), sql.Identifier(carry.key_column)), [keys]).fetchone()[0]
-    if overlap:
-        raise PublishError(f"{overlap} key(s) of {carry.keys_table}.{carry.key_column} are also in the frame: "
-                           "a customer is either re-scored (frame) or carried forward, never both")
 
 
 def _carry_rows(conn: psycopg.Connection, job: _Job, target: sql.Composable) -> int:
-    """Copy the carried rows of ``job.carry.from_as_of`` (the frame's columns) into ``target``, server-side."""
+    """Copy the carried rows of ``job.carry.from_as_of`` (the frame's columns) into ``target``, server-side.
+
+    ``target`` holds exactly the frame's rows at this point, so the anti-join against it keeps a key from
+    being both re-scored and carried (the statement does not see the rows it inserts itself)."""
     if job.carry is None:
         return 0
     carry, columns = job.carry, sql.SQL(", ").join(map(sql.Identifier, job.arrow.column_names))
+    key = sql.Identifier(carry.key_column)
+    excluded = sql.SQL("")
+    if carry.except_table is not None:
+        excluded = sql.SQL(" and not exists (select 1 from {} e where e.{} = h.{})").format(
+            qualified(carry.except_table), key, key)
     cur = conn.execute(
-        sql.SQL("insert into {target} ({cols}) select {cols} from {history} "
-                "where as_of = %s and {key} in (select {key} from {keys})").format(
-            target=target, cols=columns, history=_ident(job.history), key=sql.Identifier(carry.key_column),
-            keys=qualified(carry.keys_table)),
+        sql.SQL("insert into {target} ({cols}) select {hcols} from {history} h where h.as_of = %s "
+                "and not exists (select 1 from {target} f where f.{key} = h.{key}){excluded}").format(
+            target=target, cols=columns, history=_ident(job.history), key=key, excluded=excluded,
+            hcols=sql.SQL(", ").join(sql.SQL("h.{}").format(sql.Identifier(c)) for c in job.arrow.column_names)),
         [carry.from_as_of])
     return cur.rowcount
 

@@ -579,7 +579,7 @@ def score_baskets(
                                 "n_basket_lines_read": len(lines), "n_recommendations_scored": len(recs),
                                 **{f"{k}_seconds": v for k, v in timings.items()}})
             registry.require_run(run_id)
-            carry = (CarryForward(plan.carry_from, _CARRY_TABLE, "customer_id") if plan.carry_from is not None
+            carry = (CarryForward(plan.carry_from, "customer_id", _CHANGED_TABLE) if plan.carry_from is not None
                      else None)
             report = publish(conn, "product_recommendations", recs, as_of=as_of, run_id=run_id,
                              model_name=model_name, model_version=champion, key_columns=["customer_id", "rank"],
@@ -606,9 +606,9 @@ def score_baskets(
 # What changed since the published recommendations (the incremental scoring night)
 # ---------------------------------------------------------------------------------------------------------
 # Session temporary tables of the scoring connection: every customer's input fingerprint tonight, the
-# customers whose rows are carried, and the ones to score.
+# customers who changed or are gone (not carried), and the ones to score.
 _INPUTS_TABLE = "_recommendation_inputs"
-_CARRY_TABLE = "_recommendation_carry"
+_CHANGED_TABLE = "_recommendation_changed"
 _SCORED_TABLE = "_recommendation_scored"
 
 
@@ -662,30 +662,34 @@ def plan_scoring(conn, *, as_of: dt.date, model_name: str, champion_version: str
 
 def _stage_inputs(conn, as_of: dt.date, plan: ScoringPlan) -> tuple[int, int]:
     """Fill the session's temporary tables (set-based, on the server): tonight's fingerprints, the customers
-    to carry (same fingerprint in the published rows of ``plan.carry_from``) and the ones to score.
+    whose fingerprint differs from (or is missing in) the published rows of ``plan.carry_from`` or who are
+    gone since, and of those the ones to score. One hash join of tonight's customers with the published
+    first picks; the carry itself is then an anti-join against the small changed set (ml.publish).
     Returns (customers with lines, customers carried). Committed, so scoring runs outside a transaction."""
-    inputs, carry, scored = map(sql.Identifier, (_INPUTS_TABLE, _CARRY_TABLE, _SCORED_TABLE))
-    conn.execute(sql.SQL("drop table if exists {}, {}, {}").format(inputs, carry, scored))
+    inputs, changed, scored = map(sql.Identifier, (_INPUTS_TABLE, _CHANGED_TABLE, _SCORED_TABLE))
+    conn.execute(sql.SQL("drop table if exists {}, {}, {}").format(inputs, changed, scored))
     conn.execute(sql.SQL("create temp table {} as {}").format(inputs, _input_fingerprints(as_of)))
     if plan.carry_from is not None:
         # rank 1: one row per customer of the published table (every customer there has a first pick)
         conn.execute(sql.SQL(
-            "create temp table {carry} as select i.customer_id from {inputs} i "
-            "join ml.product_recommendations_history h on h.customer_id = i.customer_id "
-            "and h.input_fingerprint = i.input_fingerprint where h.as_of = %s and h.rank = 1"
-        ).format(carry=carry, inputs=inputs), [plan.carry_from])
+            "create temp table {changed} as "
+            "select coalesce(i.customer_id, h.customer_id) as customer_id, i.input_fingerprint "
+            "from {inputs} i full join (select customer_id, input_fingerprint "
+            "from ml.product_recommendations_history where as_of = %s and rank = 1) h "
+            "on h.customer_id = i.customer_id "
+            "where i.input_fingerprint is distinct from h.input_fingerprint"
+        ).format(changed=changed, inputs=inputs), [plan.carry_from])
     else:
-        conn.execute(sql.SQL("create temp table {} (customer_id text)").format(carry))
-    conn.execute(sql.SQL(
-        "create temp table {scored} as select i.customer_id, i.input_fingerprint from {inputs} i "
-        "where not exists (select 1 from {carry} c where c.customer_id = i.customer_id)"
-    ).format(scored=scored, inputs=inputs, carry=carry))
-    # statistics for the semi-join that reads the scored customers' lines (temp tables get none otherwise)
-    conn.execute(sql.SQL("analyze {}").format(scored))
+        conn.execute(sql.SQL("create temp table {} as select * from {}").format(changed, inputs))
+    # the changed customers who still have lines (the others are gone: neither scored nor carried)
+    conn.execute(sql.SQL("create temp table {} as select * from {} where input_fingerprint is not null").format(
+        scored, changed))
+    # statistics for the semi-join reading the scored customers' lines and the carry's anti-join (temp tables get none)
+    conn.execute(sql.SQL("analyze {}, {}").format(scored, changed))
     counts = conn.execute(sql.SQL("select (select count(*) from {}), (select count(*) from {})").format(
-        inputs, carry)).fetchone()
+        inputs, scored)).fetchone()
     conn.commit()
-    return int(counts[0]), int(counts[1])
+    return int(counts[0]), int(counts[0]) - int(counts[1])
 
 
 def recommendation_frame(settings: Settings, serving, serving_name: str, lines: pd.DataFrame, *, as_of: dt.date,

@@ -464,27 +464,26 @@ def test_run_metadata_is_stored_once_per_partition_not_in_every_row(warehouse):
     assert rows == 30 and defaults == 0
 
 
-def test_carry_forward_copies_listed_rows_of_an_earlier_as_of_and_reruns_are_identical(warehouse):
-    """The incremental night: rescored customers come from the frame, the listed others from yesterday's rows
-    (server-side), both under tonight's run metadata; a rerun that carries from the same date is identical."""
+def test_carry_forward_copies_unlisted_rows_of_an_earlier_as_of_and_reruns_are_identical(warehouse):
+    """The incremental night: rescored customers come from the frame, every other customer of yesterday's
+    rows (except the listed ones, e.g. gone) is carried server-side, all under tonight's run metadata; a rerun
+    that carries from the same date is identical."""
     from ml.publish import CarryForward
 
     yesterday = TODAY - dt.timedelta(days=1)
     full = _segments(40, seed=1)
     _publish(warehouse, full, as_of=yesterday, run_id="yesterday")
     rescored = _segments(40, seed=2).iloc[:10]  # customers 0..9 changed; 10..34 unchanged; 35..39 are gone
-    carried_ids = full["customer_id"].iloc[10:35].tolist()
+    gone = full["customer_id"].iloc[35:].tolist()
     with connect(warehouse) as conn:
-        conn.execute("create temp table carry_keys (customer_id text)")
-        conn.execute("insert into carry_keys select unnest(%s::text[])", [carried_ids])
-        carry = CarryForward(yesterday, "carry_keys", "customer_id")
+        conn.execute("create temp table gone (customer_id text)")
+        conn.execute("insert into gone select unnest(%s::text[])", [gone])
+        carry = CarryForward(yesterday, "customer_id", "gone")
         with pytest.raises(PublishError, match="Settings"):
             _publish(warehouse, rescored, run_id="tonight", carry=carry)
-        with pytest.raises(PublishError, match="never both"):
-            _publish(conn, full.iloc[:12], run_id="tonight", carry=carry)
         with pytest.raises(PublishError, match="nothing was published"):
             _publish(conn, rescored, run_id="tonight", carry=CarryForward(yesterday - dt.timedelta(days=5),
-                                                                          "carry_keys", "customer_id"))
+                                                                          "customer_id", "gone"))
         report = _publish(conn, rescored, run_id="tonight", carry=carry)
         conn.commit()
         assert (report.rows, report.rows_carried, report.current_as_of) == (35, 25, TODAY)
@@ -496,9 +495,13 @@ def test_carry_forward_copies_listed_rows_of_an_earlier_as_of_and_reruns_are_ide
                             ).fetchone()[0] == 35
         before = content_checksum(conn, "customer_segments")
         # a rerun of tonight carrying from tonight's own partition (what a rerun of a scoring night does)
-        again = _publish(conn, rescored, run_id="rerun", carry=CarryForward(TODAY, "carry_keys", "customer_id"))
+        again = _publish(conn, rescored, run_id="rerun", carry=CarryForward(TODAY, "customer_id", "gone"))
         conn.commit()
         assert (again.rows, again.rows_carried, again.history_rows_replaced) == (35, 25, 35)
         assert content_checksum(conn, "customer_segments") == before
         assert conn.execute("select count(*) from ml.customer_segments_history where as_of = %s",
                             [yesterday]).fetchone()[0] == 40
+    # without exceptions (and on Settings): everything of the earlier date that the frame does not replace
+    nothing_gone = _publish(warehouse, rescored.iloc[:3], as_of=TODAY + dt.timedelta(days=1), run_id="next",
+                            carry=CarryForward(TODAY, "customer_id"))
+    assert (nothing_gone.rows, nothing_gone.rows_carried) == (35, 32)
