@@ -95,7 +95,13 @@ BTYD_FIT_SAMPLE = 50_000
 # 0.574 / 0.575 / 0.575 fitted on 100k / 250k / 500k rows: no gain past 100k. CDNOW (141k rows) and
 # 100k customers x 2 training snapshots stay unsampled.
 MAX_FIT_ROWS = 250_000
+# Rows the candidates are *compared* on (the champion alone is then refitted on MAX_FIT_ROWS of every
+# snapshot). The same measurement shows no candidate gains past 100k rows; 150k keeps CDNOW's training
+# snapshots (< 150k rows) unsampled, so its benchmark figures are unchanged.
+MAX_SELECT_ROWS = 150_000
 MAX_VALID_ROWS = 250_000  # validation rows: RMSE / top-decile capture on 250k rows vary in the 3rd digit
+# BtydBoostedRegressor's floor of the BTYD base, as a share of the mean training label (see its fit).
+BASE_FLOOR_SHARE = 0.01
 SCORE_CHUNK = 200_000  # scoring in chunks bounds the memory of the tree predictions at 1M customers
 
 
@@ -408,8 +414,14 @@ class BtydBoostedRegressor(RegressorMixin, BaseEstimator):
     def fit(self, X: pd.DataFrame, y, sample_weight=None):
         if "btyd_expected_spend" not in X.columns:
             raise ValueInputError("BtydBoostedRegressor needs the btyd_expected_spend column (add_btyd_features).")
-        base = np.maximum(X["btyd_expected_spend"].to_numpy(float), 1e-6)
         y = np.clip(np.asarray(y, float), 0, None)
+        # The base is floored at a share of the mean label. With the old 1e-6 floor, customers whom BG/NBD
+        # gives ~0 expected spend but who did buy had targets y / base of ~1e8 on weights ~1e-6; a leaf of
+        # such rows has a near-zero hessian, its Newton step (-G / H) is ~1e8 x the learning rate, and the
+        # exponentiated prediction overflowed: RMSE = inf fitted on 500k rows of the 1M frame. The floor
+        # bounds every leaf step to ~1 / BASE_FLOOR_SHARE x the learning rate.
+        self.base_floor_ = max(1e-6, BASE_FLOOR_SHARE * float(y.mean()) if len(y) else 1e-6)
+        base = self._base(X)
         self.feature_names_in_ = np.asarray(X.columns, dtype=object)
         self.estimator_ = HistGradientBoostingRegressor(
             loss="poisson", learning_rate=self.learning_rate, max_iter=self.max_iter,
@@ -421,9 +433,11 @@ class BtydBoostedRegressor(RegressorMixin, BaseEstimator):
         self.estimator_.fit(self._inputs(X), y / base, sample_weight=w)
         return self
 
+    def _base(self, X: pd.DataFrame) -> np.ndarray:
+        return np.maximum(X["btyd_expected_spend"].to_numpy(float), getattr(self, "base_floor_", 1e-6))
+
     def predict(self, X: pd.DataFrame):
-        base = np.maximum(X["btyd_expected_spend"].to_numpy(float), 1e-6)
-        return base * self.estimator_.predict(self._inputs(X))
+        return self._base(X) * self.estimator_.predict(self._inputs(X))
 
 
 class MeanEnsembleRegressor(RegressorMixin, BaseEstimator):
@@ -600,8 +614,10 @@ def _prepare_training(training_set: pd.DataFrame | PreparedTraining, use_btyd: b
 
 
 def _fit_rows(train: pd.DataFrame, valid: pd.DataFrame, random_state: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The rows the candidates are fitted and validated on (:data:`MAX_FIT_ROWS`, :data:`MAX_VALID_ROWS`)."""
-    return _bounded(train, MAX_FIT_ROWS, random_state), _bounded(valid, MAX_VALID_ROWS, random_state + 1)
+    """The rows the candidates are compared on: at most :data:`MAX_SELECT_ROWS` (and :data:`MAX_FIT_ROWS`)
+    fitted, :data:`MAX_VALID_ROWS` validated."""
+    return (_bounded(train, min(MAX_SELECT_ROWS, MAX_FIT_ROWS), random_state),
+            _bounded(valid, MAX_VALID_ROWS, random_state + 1))
 
 
 def validation_rows(prepared: PreparedTraining, valid_snapshot: int = 1, random_state: int = 0) -> pd.DataFrame:
@@ -664,11 +680,19 @@ def _fit_value(training_set, valid_snapshot, candidates, selection_metric, use_b
     for name, pred in baseline_predictions(valid).items():
         rows[name] = {**value_metrics(y_valid, pred), "kind": "baseline", "fit_seconds": 0.0}
         preds[name] = pred
+    X_train, X_valid = train[features].astype(float), valid[features].astype(float)
     for name, est in cands.items():
         t0 = time.perf_counter()
-        model = clone(est).fit(train[features].astype(float), train["future_spend"].to_numpy(float))
-        seconds = time.perf_counter() - t0
-        pred = model.predict(valid[features].astype(float))
+        parts = _fitted_parts(est, cands, fitted)
+        if parts is not None:  # a blend of candidates already fitted on these rows: average them, no refit
+            model = clone(est)
+            model.feature_names_in_, model.estimators_ = np.asarray(features, dtype=object), parts
+            pred = np.mean([preds[n] for n, _ in parts], axis=0)
+            seconds = sum(rows[n]["fit_seconds"] for n, _ in parts)
+        else:
+            model = clone(est).fit(X_train, train["future_spend"].to_numpy(float))
+            seconds = time.perf_counter() - t0
+            pred = model.predict(X_valid)
         rows[name] = {**value_metrics(y_valid, pred), "kind": "model", "fit_seconds": seconds}
         preds[name] = pred
         fitted[name] = model
@@ -676,7 +700,7 @@ def _fit_value(training_set, valid_snapshot, candidates, selection_metric, use_b
     metrics.index.name = "candidate"
     champion = _select(metrics[metrics["kind"] == "model"], selection_metric)
     validation = pd.DataFrame({"customer_id": valid["customer_id"].to_numpy(), "actual": y_valid, **preds})
-    importances = _importances(fitted[champion], valid[features].astype(float), y_valid, random_state)
+    importances = _importances(fitted[champion], X_valid, y_valid, random_state)
     every = _bounded(data, MAX_FIT_ROWS, random_state + 2)
     final = clone(cands[champion]).fit(every[features].astype(float), every["future_spend"].to_numpy(float)) if refit else fitted[champion]
     return ValueResult(
@@ -754,6 +778,16 @@ def _fit_churn(training_set, valid_snapshot, candidates, selection_metric, use_b
     )
 
 
+def _fitted_parts(est, cands: Mapping[str, BaseEstimator], fitted: dict) -> list | None:
+    """The fitted components of a :class:`MeanEnsembleRegressor` whose every component is, by identity, a
+    candidate already fitted on the same rows (the default blend); ``None`` otherwise (fit it as it is)."""
+    if not isinstance(est, MeanEnsembleRegressor) or not est.estimators:
+        return None
+    if not all(name in fitted and cands.get(name) is comp for name, comp in est.estimators):
+        return None
+    return [(name, fitted[name]) for name, _ in est.estimators]
+
+
 def _needs_btyd(est) -> bool:
     if isinstance(est, MeanEnsembleRegressor):
         return any(_needs_btyd(e) for _, e in est.estimators)
@@ -786,14 +820,27 @@ def _importances(model, X: pd.DataFrame, y, random_state: int, churn: bool = Fal
     )
 
 
-def score_customers(scoring_set: pd.DataFrame, value_model: ValueModel, churn_model: ValueModel | None = None) -> pd.DataFrame:
+def score_customers(
+    scoring_set: pd.DataFrame,
+    value_model: ValueModel,
+    churn_model: ValueModel | None = None,
+    *,
+    btyd_params: BtydParams | None = None,
+    decile_edges: np.ndarray | None = None,
+) -> pd.DataFrame:
     """Per customer: predicted spend over the horizon, churn probability and value decile (10 = most valuable).
 
     The BG/NBD + Gamma-Gamma features of the scoring cross-section are fitted once here and shared by both
     models (each would otherwise refit them); the models then predict in chunks of :data:`SCORE_CHUNK` rows.
+
+    Scoring a SUBSET of the customers (e.g. only those touched tonight): pass ``btyd_params`` (e.g. the
+    champion's ``value_model.btyd_params``, or the parameters fitted on the whole population) so the BG/NBD
+    features use population parameters instead of a refit on the subset, which is a biased cross-section
+    (recent buyers); and ``decile_edges`` (:func:`value_decile_edges` of the whole population's predicted
+    spend, e.g. the published ``ml.customer_scores``) so the deciles are the population's, not the subset's.
     """
     _check_frame(scoring_set, name="clv_scoring_set", labels=False)
-    scoring_set = _with_btyd_once(scoring_set, value_model, churn_model)
+    scoring_set = _with_btyd_once(scoring_set, value_model, churn_model, params=btyd_params)
     spend = np.clip(_predict_chunked(value_model, scoring_set), 0, None)
     out = pd.DataFrame(
         {
@@ -803,18 +850,32 @@ def score_customers(scoring_set: pd.DataFrame, value_model: ValueModel, churn_mo
         }
     )
     out["churn_probability"] = _predict_chunked(churn_model, scoring_set) if churn_model is not None else np.nan
-    # Ranks first so ties (many identical low predictions) do not break qcut's unique-edges requirement.
-    ranks = pd.Series(spend).rank(method="first")
-    out["value_decile"] = (np.ceil(ranks / len(out) * 10)).astype(int).clip(1, 10).to_numpy()
+    if decile_edges is not None:
+        edges = np.asarray(decile_edges, float)
+        out["value_decile"] = (np.searchsorted(edges, spend, side="right") + 1).clip(1, 10)
+    else:
+        # Ranks first so ties (many identical low predictions) do not break qcut's unique-edges requirement.
+        ranks = pd.Series(spend).rank(method="first")
+        out["value_decile"] = (np.ceil(ranks / len(out) * 10)).astype(int).clip(1, 10).to_numpy()
     return out
 
 
-def _with_btyd_once(frame: pd.DataFrame, *models) -> pd.DataFrame:
-    """``frame`` with the BTYD columns fitted once on it, if any model uses them (its training-time
-    parameters as the fallback for a cross-section too small to fit)."""
+def value_decile_edges(predicted_spend) -> np.ndarray:
+    """The 9 inner edges of the deciles of a population's predicted spend (for :func:`score_customers` of a
+    subset): a customer's decile is 1 + the number of edges at or below her prediction."""
+    return np.quantile(np.clip(np.asarray(predicted_spend, float), 0, None), np.arange(1, 10) / 10)
+
+
+def _with_btyd_once(frame: pd.DataFrame, *models, params: BtydParams | None = None) -> pd.DataFrame:
+    """``frame`` with the BTYD columns, if any model uses them: from ``params`` when given (no fit), else
+    fitted once on the frame (the models' training-time parameters as the fallback for a cross-section too
+    small to fit)."""
     users = [m for m in models if m is not None and getattr(m, "needs_btyd", False)]
     if not users or all(c in frame.columns for c in BTYD_COLUMNS):
         return frame
+    if params is not None:
+        extra = _btyd_predict(rfm_from_features(frame), frame["horizon_days"].to_numpy(float), params)
+        return frame.drop(columns=[c for c in BTYD_COLUMNS if c in frame.columns]).join(extra)
     enriched, _ = add_btyd_features(frame, fallback=users[0].btyd_params)
     return enriched
 
