@@ -61,13 +61,16 @@ def main() -> None:
     parser.add_argument("--days", type=int, default=730)
     parser.add_argument("--fresh", action="store_true", help="drop and regenerate the database")
     parser.add_argument("--skip-full", action="store_true", help="only the incremental night")
+    parser.add_argument("--database", default=None,
+                        help="an already built warehouse to run the nights on (e.g. a copy of the 1M template: "
+                             "create database <name> template crm1m), instead of crm_bench_dbt_<customers>")
     parser.add_argument("--age-hours", type=int, default=24,
                         help="move the existing raw rows' _loaded_at back this many hours first (0: do not)")
     args = parser.parse_args()
 
     base = Settings.from_env()
     start_embedded(base)
-    settings = base.with_database(f"crm_bench_dbt_{args.customers}")
+    settings = base.with_database(args.database or f"crm_bench_dbt_{args.customers}")
     with connect(replace(base), autocommit=True) as conn:
         exists = conn.execute("select 1 from pg_database where datname = %s",
                               (settings.warehouse.database,)).fetchone()

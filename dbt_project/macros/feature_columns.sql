@@ -49,3 +49,11 @@
         {{ relation_alias }}.{{ name }}::{{ type }} as {{ name }}{{ "," if not loop.last }}
 {%- endfor %}
 {%- endmacro %}
+
+
+{#- The snapshot bucket of a row dated `date_expr` (on or before as_of; needs the int_as_of row as `as_of`):
+    the oldest snapshot whose cut-off (as_of - k * horizon_days) the date is still on or before. A row of
+    bucket j counts in snapshots 0..j. -#}
+{% macro snapshot_bucket(date_expr) -%}
+least(as_of.training_snapshots, (as_of.as_of_date - {{ date_expr }}) / as_of.horizon_days)
+{%- endmacro %}

@@ -7,31 +7,30 @@ features as (
     where snapshot >= 1
 ),
 
+-- the features one horizon later: snapshot k - 1's cut-off is snapshot k's plus horizon_days
+later as (
+    select * from {{ ref('int_customer_features_snapshots') }}
+    where snapshot < {{ var('training_snapshots') }}
+),
+
 as_of as (
     select * from {{ ref('int_as_of') }}
 ),
 
-orders as (
-    select * from {{ ref('fct_orders') }}
-    where customer_id is not null
-),
-
+-- The label window (cutoff, cutoff + horizon_days] is what the next snapshot adds: its orders' net revenue
+-- and purchases are the differences of the two snapshots' sums (exact, in numeric), with no pass over the
+-- orders. A customer in snapshot k has a purchase by its cut-off, so is in snapshot k - 1 too.
 labels as (
     select
         features.snapshot,
         features.customer_id,
         -- a window holding only returns of earlier purchases is "no spend", not negative spend
-        greatest(coalesce(sum(orders.net_revenue), 0), 0) as future_spend,
-        coalesce(bool_or(orders.is_purchase), false) as has_future_purchase
+        greatest(coalesce(later.net_revenue - features.net_revenue, 0), 0) as future_spend,
+        coalesce(later.n_orders > features.n_orders, false) as has_future_purchase
     from features
-    cross join as_of
-    left join orders
-        on features.customer_id = orders.customer_id
-        and orders.order_date > features.feature_cutoff_date
-        and orders.order_date <= features.feature_cutoff_date + as_of.horizon_days
-    group by
-        features.snapshot,
-        features.customer_id
+    inner join later
+        on later.snapshot = features.snapshot - 1
+        and later.customer_id = features.customer_id
 ),
 
 final as (

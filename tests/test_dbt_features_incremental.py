@@ -1,0 +1,120 @@
+"""The customer feature layer is incremental by customer and equals a full refresh.
+
+int_customer_feature_state keeps, per snapshot and customer, the sums and dates that do not depend on where
+the cut-off lies; a night recomputes only the customers whose data changed or moved across a cut-off (and a
+whole snapshot when its category price medians or category ranks changed). These tests deliver batches on
+top of a built warehouse, build incrementally, and compare every customer mart with a full refresh; they
+also check, by the rows' transaction ids, that customers the batch did not touch were left alone.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+from test_dbt_incremental import _deliver
+from test_dbt_project import _read, load_fixture
+
+from ml.dbt import dbt_build
+from ml.warehouse import connect
+
+LOADED_3 = "2024-06-01 00:00:00+00"
+LOADED_4 = "2024-06-02 00:00:00+00"
+CUSTOMER_MARTS = {
+    "staging.int_customer_features_snapshots": ["customer_id", "snapshot"],
+    "staging.int_customer_rfm": ["customer_id"],
+    "marts.customer_features": ["customer_id"],
+    "marts.clv_scoring_set": ["customer_id"],
+    "marts.clv_training_set": ["customer_id", "snapshot"],
+    "marts.dim_customers": ["customer_id"],
+    "marts.feature_categories": ["rank"],
+}
+
+
+def _marts(settings) -> dict[str, pd.DataFrame]:
+    return {table: _read(settings, table).sort_values(keys).reset_index(drop=True)
+            for table, keys in CUSTOMER_MARTS.items()}
+
+
+def _state_versions(settings) -> dict[tuple[int, str], str]:
+    """The transaction id that last wrote each state row (unchanged = the row was not rewritten)."""
+    with connect(settings) as conn:
+        rows = conn.execute("select snapshot, customer_id, xmin::text from staging.int_customer_feature_state").fetchall()
+    return {(snapshot, customer): xmin for snapshot, customer, xmin in rows}
+
+
+def _assert_equals_full_refresh(settings, incremental: dict[str, pd.DataFrame]) -> None:
+    dbt_build(settings, horizon_days=60, full_refresh=True)
+    full = _marts(settings)
+    for table, rows in incremental.items():
+        pd.testing.assert_frame_equal(rows, full[table], obj=table)
+
+
+def test_a_night_recomputes_the_touched_customers_and_equals_a_full_refresh(warehouse):
+    load_fixture(warehouse)
+    # c2 buys on 2024-02-10: after the training cut-off (as_of 2024-04-01 - 60 days = 2024-02-01) for now
+    _deliver(warehouse,
+             orders=[("o40", "c2", "2024-02-10 09:00", "completed", 1, "2024-05-01 00:00:00+00")],
+             lines=[("o40", 1, "P3", 2, 5.0, 1, "2024-05-01 00:00:00+00")])
+    dbt_build(warehouse, horizon_days=60)
+    first = _marts(warehouse)
+    assert first["marts.clv_training_set"].set_index("customer_id").loc["c2", "has_future_purchase"]
+
+    # A new day (2024-04-20) moves as_of and the training cut-off to 2024-02-20, across c2's o40; plus a
+    # late line of an old order, a re-delivered order with another time, web events and a new customer.
+    _deliver(
+        warehouse,
+        customers=pd.DataFrame({"customer_id": ["c7"], "email": ["eve@shop.com"], "_batch_id": [3],
+                                "_loaded_at": [LOADED_3]}),
+        orders=[
+            ("o41", "c7", "2024-04-20 09:00", "completed", 3, LOADED_3),
+            ("o42", "c1", "2024-04-20 10:00", "completed", 3, LOADED_3),
+            ("o12", "c1", "2024-03-20 12:00", "completed", 3, LOADED_3),
+        ],
+        lines=[
+            ("o41", 1, "P1", 1, 10.0, 3, LOADED_3),
+            ("o42", 1, "P2", 1, 20.0, 3, LOADED_3),
+            ("o1", 3, "P3", 1, 5.0, 3, LOADED_3),
+        ],
+        web_events=[("c1", "s2", "view", "P1", "2024-04-19 10:00", 3, LOADED_3)],
+    )
+    night = dbt_build(warehouse, horizon_days=60)
+    assert night.node("int_customer_feature_state").status == "success"
+    incremental = _marts(warehouse)
+
+    features = incremental["marts.customer_features"].set_index("customer_id")
+    assert str(features.loc["c7", "as_of_date"]) == "2024-04-20"
+    assert features.loc["c1", "n_web_events"] == 1
+    training = incremental["marts.clv_training_set"].set_index("customer_id")
+    # o40 is now before c2's training cut-off: a feature, no longer a label
+    assert training.loc["c2", "n_orders"] == 2 and not training.loc["c2", "has_future_purchase"]
+    _assert_equals_full_refresh(warehouse, incremental)
+
+
+def test_a_delivery_touching_one_customer_rewrites_only_that_customer(warehouse):
+    load_fixture(warehouse)
+    dbt_build(warehouse, horizon_days=60)
+    before = _state_versions(warehouse)
+
+    # web events of c2 only: no order, so as_of, the price medians and the category ranks stay put
+    _deliver(warehouse, web_events=[
+        ("c2", "s3", "view", "P2", "2024-03-30 10:00", 3, LOADED_3),
+        ("c2", "s3", "page_view", None, "2024-03-30 10:01", 3, LOADED_3),
+    ])
+    dbt_build(warehouse, horizon_days=60)
+    after = _state_versions(warehouse)
+    assert before.keys() == after.keys()
+    rewritten = {key for key in after if after[key] != before[key]}
+    # c2, and c1 whose orders came in the newest earlier delivery (LOADED_2): like the fact tables, the
+    # state re-processes whatever lies within the look-back before its watermark. c4 (LOADED_1) is left alone.
+    assert {customer for _, customer in rewritten} == {"c1", "c2"}
+    assert ("c4" in {customer for _, customer in after}) and {(0, "c2"), (1, "c2")} <= rewritten
+    incremental = _marts(warehouse)
+    assert incremental["marts.customer_features"].set_index("customer_id").loc["c2", "n_web_events"] == 2
+
+    # a later order disqualified (its customer turns out to be a test account) leaves that customer's row
+    _deliver(warehouse, customers=pd.DataFrame({"customer_id": ["c2"], "email": ["bob@new.com"],
+                                                "is_test_account": [True], "_batch_id": [4],
+                                                "_loaded_at": [LOADED_4]}))
+    dbt_build(warehouse, horizon_days=60)
+    incremental = _marts(warehouse)
+    assert "c2" not in set(incremental["marts.customer_features"]["customer_id"])
+    _assert_equals_full_refresh(warehouse, incremental)
