@@ -34,8 +34,9 @@ from ml.errors import CrmError
 
 OUTPUT_COLUMNS = ["customer_id", "rank", "product_id", "score", "method", "reason"]
 _CHUNK_CELLS = 4_000_000
-# an item x item matrix is used dense while scoring when it has at most this many cells (64 MB as float32):
-# a sparse x dense product and a dense lookup are several times cheaper than sparse x sparse + todense per chunk
+# an item x item matrix is used dense while scoring when it has at most this many cells (128 MB as float64):
+# a sparse x dense product and a dense lookup are several times cheaper than sparse x sparse + todense per chunk.
+# float64, as the sparse path: float32 reorders near-tied candidates, which moves the learned blend weights
 _DENSE_ITEM_CELLS = 16_000_000
 _PREPARED = "crm_prepared_interactions"
 
@@ -153,7 +154,7 @@ def _top_k_positive(block: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     n_rows, n_cols = block.shape
     if k >= n_cols:
         return np.nonzero(block > 0)
-    top = np.argpartition(block, n_cols - k, axis=1)[:, n_cols - k:]  # no negated copy of the block
+    top = np.argpartition(-block, k - 1, axis=1)[:, :k]  # negated: the same choice among ties as before
     keep = (np.take_along_axis(block, top, axis=1) > 0).ravel()
     return np.repeat(np.arange(n_rows), k)[keep], top.ravel()[keep]
 
@@ -243,7 +244,7 @@ class BaseRecommender(BaseEstimator):
     def _names(self, item_idx: np.ndarray) -> np.ndarray:
         return self.names_[item_idx]
 
-    def _dense(self, name: str, build, cells: int | None = None, dtype=np.float32) -> np.ndarray | None:
+    def _dense(self, name: str, build, cells: int | None = None, dtype=np.float64) -> np.ndarray | None:
         """A dense copy of a matrix (item x item unless ``cells`` says otherwise), built once per fitted
         model; None when it would exceed ``_DENSE_ITEM_CELLS`` cells.
 
@@ -396,7 +397,8 @@ class BaseRecommender(BaseEstimator):
             r, c = history.nonzero()
             scores[r, c] = -np.inf
         n_eff = min(n, scores.shape[1])
-        picks = np.argpartition(scores, scores.shape[1] - n_eff, axis=1)[:, -n_eff:]  # no negated copy
+        # negated, as before: argpartition's choice among tied items (equal popularity) feeds the learned blend
+        picks = np.argpartition(-scores, n_eff - 1, axis=1)[:, :n_eff]
         picked = np.take_along_axis(scores, picks, axis=1)
         order = np.argsort(-picked, axis=1, kind="stable")
         picks = np.take_along_axis(picks, order, axis=1)
@@ -647,7 +649,7 @@ class ItemKNNRecommender(BaseRecommender):
     def _scores(self, history, recent, rows):
         dense_t = self._dense("similarity_t", lambda: self.similarity_t_.toarray())
         if dense_t is not None:  # sparse x dense: no sparse product structure, no todense
-            return sp.csr_matrix(history, dtype=np.float32) @ dense_t
+            return sp.csr_matrix(history, dtype=np.float64) @ dense_t
         return np.asarray((sp.csr_matrix(history) @ self.similarity_t_).todense())
 
     def _reasons(self, history, recent, rows, picks, picked_scores):
@@ -836,14 +838,14 @@ class ContentRecommender(BaseRecommender):
         return self._dense("similarity", lambda: (self.features_ @ self.features_t_).toarray())
 
     def _scores(self, history, recent, rows):
-        binary = sp.csr_matrix(self._binary(sp.csr_matrix(history)), dtype=np.float32)
+        binary = sp.csr_matrix(self._binary(sp.csr_matrix(history)), dtype=np.float64)
         sim = self._item_similarity()
         if sim is not None:
             # profile = l2(sum of bought features): its cosine with item i is (B S)_i / sqrt(b S b')
             raw = binary @ sim
             r = np.repeat(np.arange(binary.shape[0]), np.diff(binary.indptr))
             norm2 = np.bincount(r, weights=raw[r, binary.indices], minlength=binary.shape[0])
-            norm = np.sqrt(np.maximum(norm2, 0)).astype(np.float32)
+            norm = np.sqrt(np.maximum(norm2, 0))
             norm[norm == 0] = 1.0
             raw /= norm[:, None]
             return raw

@@ -128,14 +128,14 @@ def test_dense_item_matrices_score_and_explain_as_the_sparse_ones(sliced, monkey
     monkeypatch.setattr(recommend, "_DENSE_ITEM_CELLS", 0)
     sparse = restored.recommend(customers, n=10)
     assert all(v is None for v in restored.__dict__["_dense_cache"].values())
-    # float32 dense products may swap near-tied items (content: 0.5 % of picks on this slice); scores by
-    # rank agree, and so do the reasons of the same picks
+    # another summation order may swap (near-)tied items (float32 did for 0.5 % of content's picks on this
+    # slice); scores by rank agree, and so do the reasons of the same picks
     assert dense[["customer_id", "rank"]].equals(sparse[["customer_id", "rank"]])
     same = dense["product_id"] == sparse["product_id"]
     assert same.mean() >= 0.98
     np.testing.assert_allclose(dense["score"], sparse["score"], rtol=1e-5, atol=1e-6)
     assert (dense.loc[same, "method"] == sparse.loc[same, "method"]).all()
-    # equally similar bought items may be named in another order (float32 ties)
+    # equally similar bought items may be named in another order (ties)
     assert (dense.loc[same, "reason"] == sparse.loc[same, "reason"]).mean() >= 0.95
     assert (dense["reason"].str.split(" ").str[0] == sparse["reason"].str.split(" ").str[0]).mean() >= 0.98
 
