@@ -1,6 +1,11 @@
-{#- Source ids arrive as text; numeric ids that went through a float somewhere upstream look like '17850.0'. -#}
+{#- Source ids arrive as text; numeric ids that went through a float somewhere upstream look like '17850.0'.
+    The regular expression runs only on ids holding a dot: it is the costliest part of cleaning web events
+    (14M rows at 1M customers, keyed on the customer id), and without a dot it could not match anyway. -#}
 {% macro clean_id(column) -%}
-nullif(regexp_replace(trim({{ column }}), '\.0+$', ''), '')
+nullif(
+    case when strpos({{ column }}, '.') > 0 then regexp_replace(trim({{ column }}), '\.0+$', '') else trim({{ column }}) end,
+    ''
+)
 {%- endmacro %}
 
 
