@@ -202,6 +202,11 @@ def _btyd_predict(rfm: pd.DataFrame, horizon: np.ndarray, params: BtydParams) ->
 def fit_btyd(frame: pd.DataFrame, *, max_customers: int = BTYD_FIT_SAMPLE, random_state: int = 0) -> BtydParams:
     """Fit BG/NBD + Gamma-Gamma on one cross-section of customers (one cutoff), on a random sample of at
     most ``max_customers`` of them (see :data:`BTYD_FIT_SAMPLE`)."""
+    if "customer_id" in frame.columns:
+        # The fit must not depend on the order the database returned the rows in: a table rebuilt by dbt comes
+        # back in another order, the sums then differ in their last bits, and the optimiser's gradients turn
+        # that into parameters (and published scores) that differ at 1e-10: a rerun would not be identical.
+        frame = frame.sort_values("customer_id", kind="stable")
     rfm = _bounded(rfm_from_features(frame), max_customers, random_state)
     bg = BetaGeoFitter().fit(rfm["frequency"], rfm["recency"], rfm["T"])
     gg = GammaGammaFitter().fit(rfm["frequency"], rfm["monetary_value"])
