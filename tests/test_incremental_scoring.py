@@ -13,14 +13,14 @@ import dataclasses
 import datetime as dt
 import uuid
 
-import mlflow
 import pandas as pd
 import pytest
+from helpers_warehouse import generated_warehouse
 
 from ml.ingest.generator import GeneratorParams, generate
 from ml.publish import RUN_COLUMNS, content_checksum
 from ml.train_baskets import MODEL_NAME, build_basket_marts, plan_scoring, score_baskets, train_baskets
-from ml.warehouse import connect, create_database, drop_database, init_schemas, read_table
+from ml.warehouse import connect, read_table
 
 GENERATED = GeneratorParams(customers=1500, days=730, seed=7)
 DAY1 = GENERATED.resolved_end_date
@@ -42,16 +42,7 @@ def _recs(conn) -> pd.DataFrame:
 def nights(server_settings, tmp_path_factory):
     """Night 1 trains (as_of DAY1); one generated day is appended and night 2 scores incrementally (DAY2)."""
     root = tmp_path_factory.mktemp("incremental_mlflow")
-    settings = dataclasses.replace(
-        server_settings.with_database(f"crm_test_{uuid.uuid4().hex[:10]}"),
-        mlflow_tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
-        mlflow_artifact_root=root / "artifacts",
-    )
-    create_database(settings)
-    try:
-        with connect(settings) as conn:
-            init_schemas(conn)
-            generate(conn, GENERATED)
+    with generated_warehouse(server_settings, root, GENERATED) as settings:
         build_basket_marts(settings, DAY1)
         trained = train_baskets(settings, as_of=DAY1, model_name=MODEL, **PARAMS)
         with connect(settings) as conn:
@@ -66,10 +57,6 @@ def nights(server_settings, tmp_path_factory):
                 "select distinct customer_id from marts.basket_lines where ordered_at::date = %s "
                 "and customer_id is not null", [DAY2])}
         yield settings, trained, night1, scored, night2, checksum, new_day
-    finally:
-        while mlflow.active_run() is not None:
-            mlflow.end_run("FAILED")
-        drop_database(settings)
 
 
 def test_only_customers_with_new_lines_are_scored_and_the_rest_carried_unchanged(nights):

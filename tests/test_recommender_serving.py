@@ -6,7 +6,6 @@ store; the tests load ``models:/<name>@champion`` in-process and through ``mlflo
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import socket
@@ -21,11 +20,12 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+from helpers_warehouse import generated_warehouse
 
 from ml import registry
-from ml.ingest.generator import GeneratorParams, generate
+from ml.ingest.generator import GeneratorParams
 from ml.train_baskets import MODEL_NAME, build_basket_marts, train_baskets
-from ml.warehouse import connect, create_database, drop_database, init_schemas, read_table
+from ml.warehouse import connect, read_table
 
 GENERATED = GeneratorParams(customers=1500, days=730, seed=11)
 AS_OF = GENERATED.resolved_end_date
@@ -36,16 +36,7 @@ MODEL = f"{MODEL_NAME}_{uuid.uuid4().hex[:6]}"
 def champion(server_settings, tmp_path_factory):
     """A trained warehouse whose recommender is registered and is @champion; yields settings and facts."""
     root = tmp_path_factory.mktemp("serving_mlflow")
-    settings = dataclasses.replace(
-        server_settings.with_database(f"crm_test_{uuid.uuid4().hex[:10]}"),
-        mlflow_tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
-        mlflow_artifact_root=root / "artifacts",
-    )
-    create_database(settings)
-    try:
-        with connect(settings) as conn:
-            init_schemas(conn)
-            generate(conn, GENERATED)
+    with generated_warehouse(server_settings, root, GENERATED) as settings:
         build_basket_marts(settings, AS_OF)
         result = train_baskets(settings, as_of=AS_OF, model_name=MODEL, min_support=0.0005,
                                category_min_support=0.01, min_confidence=0.1, rule_recommender_min_support=0.001)
@@ -54,8 +45,6 @@ def champion(server_settings, tmp_path_factory):
             bundles = [ids for (ids,) in conn.execute(
                 "select product_ids from audit.planted_bundles order by support desc")]
         yield settings, result, lines, bundles
-    finally:
-        drop_database(settings)
 
 
 def _check_answer(out: pd.DataFrame, request: int, n: int = 10) -> pd.DataFrame:

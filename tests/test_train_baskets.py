@@ -6,18 +6,17 @@ generation and dbt run once, the first training run is shared by the tests that 
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import uuid
 
-import mlflow
 import pytest
+from helpers_warehouse import generated_warehouse
 from mlflow import MlflowClient
 
 from ml import registry
 from ml.baskets import BasketError, NoFrequentItemsets, TooManyItemsets
 from ml.errors import CrmError
-from ml.ingest.generator import GeneratorParams, generate
+from ml.ingest.generator import GeneratorParams
 from ml.publish import content_checksum, current_as_of
 from ml.train_baskets import (
     EXPERIMENT,
@@ -28,7 +27,7 @@ from ml.train_baskets import (
     score_baskets,
     train_baskets,
 )
-from ml.warehouse import connect, create_database, drop_database, init_schemas, read_table
+from ml.warehouse import connect, read_table
 
 GENERATED = GeneratorParams(customers=1500, days=730, seed=7)
 AS_OF = GENERATED.resolved_end_date
@@ -43,23 +42,10 @@ MODEL = f"{MODEL_NAME}_{uuid.uuid4().hex[:6]}"
 def built(server_settings, tmp_path_factory):
     """Generated raw layer, the marts basket training reads, and the first training run."""
     root = tmp_path_factory.mktemp("baskets_mlflow")
-    settings = dataclasses.replace(
-        server_settings.with_database(f"crm_test_{uuid.uuid4().hex[:10]}"),
-        mlflow_tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
-        mlflow_artifact_root=root / "artifacts",
-    )
-    create_database(settings)
-    try:
-        with connect(settings) as conn:
-            init_schemas(conn)
-            generate(conn, GENERATED)
+    with generated_warehouse(server_settings, root, GENERATED) as settings:
         build_basket_marts(settings, AS_OF)
         first = train_baskets(settings, as_of=AS_OF, model_name=MODEL, **PARAMS)
         yield settings, first
-    finally:
-        while mlflow.active_run() is not None:
-            mlflow.end_run("FAILED")
-        drop_database(settings)
 
 
 def test_rules_recover_the_planted_bundles(built):
