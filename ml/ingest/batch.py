@@ -7,6 +7,7 @@ not at all. Loading the same content twice (same source, same SHA-256) adds noth
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,8 +17,10 @@ import numpy as np
 import pandas as pd
 import psycopg
 import pyarrow as pa
+import pyarrow.csv as pacsv
+from psycopg import sql
 
-from ml.warehouse import copy_in
+from ml.warehouse import binary_copy_chunks, copy_in, qualified
 
 QUARANTINE_COLUMNS = ["line_no", "raw_text", "reason", "target_table"]
 
@@ -58,6 +61,62 @@ class LoadReport:
         )
 
 
+@dataclass
+class CopyPayload:
+    """One COPY ready to stream: the statement and its bytes, encoded ahead of time (see :func:`encode_copy`)."""
+
+    table: str
+    statement: sql.Composed
+    buffers: list  # bytes-like, sent in order
+    rows: int
+    count: bool = True  # add the rows to the batch's rows_loaded (the raw tables; not the planted truth)
+
+
+# Slices handed to psycopg: large enough that the sending thread rarely needs the GIL (the producer thread
+# holds it while it builds the next chunk), small enough that libpq's output buffer stays modest.
+_SEND_SLICE = 4 << 20
+
+
+def column_types(conn: psycopg.Connection, tables: list[str]) -> dict[str, dict[str, str]]:
+    """Each table's column types (``format_type``), queried once before streaming: a query on the batch's
+    connection while a COPY is in flight would wait for it, serialising the producer behind the writer."""
+    return {table: dict(conn.execute(
+        "select attname, format_type(atttypid, null) from pg_attribute "
+        "where attrelid = %s::regclass and attnum > 0 and not attisdropped", [table]).fetchall())
+        for table in tables}
+
+
+def encode_copy(table: str, arrow: pa.Table, types: dict[str, str] | None, *, count: bool = True) -> CopyPayload:
+    """The COPY of ``arrow`` into ``table`` as bytes, without touching the connection (so another thread can
+    stream the previous payload meanwhile). Same formats as :func:`ml.warehouse.copy_in`: binary when
+    ``types`` (the target's column types) is given and every column has an exact binary form, else CSV."""
+    columns = sql.SQL(", ").join(sql.Identifier(c) for c in arrow.column_names)
+    if arrow.num_rows == 0:
+        return CopyPayload(table, sql.SQL(""), [], 0, count)
+    if types is not None:
+        chunks = binary_copy_chunks(arrow, [types.get(c, "") for c in arrow.column_names])
+        if chunks is not None:
+            statement = sql.SQL("copy {} ({}) from stdin (format binary)").format(qualified(table), columns)
+            return CopyPayload(table, statement, [memoryview(c).cast("B") for c in chunks], arrow.num_rows, count)
+    # pyarrow's CSV writer emits garbage for a column whose chunks start with an empty one (see copy_in)
+    arrow = pa.Table.from_batches([b for b in arrow.to_batches() if b.num_rows], schema=arrow.schema)
+    buffer = io.BytesIO()
+    pacsv.write_csv(arrow, buffer, pacsv.WriteOptions(include_header=False, quoting_style="needed"))
+    statement = sql.SQL("copy {} ({}) from stdin (format csv)").format(qualified(table), columns)
+    return CopyPayload(table, statement, [buffer.getbuffer()], arrow.num_rows, count)
+
+
+def send_copy(conn: psycopg.Connection, payload: CopyPayload) -> int:
+    """Stream an encoded payload: the thread doing this only waits on the socket while the server parses."""
+    if payload.rows == 0:
+        return 0
+    with conn.cursor() as cur, cur.copy(payload.statement) as copy:
+        for view in payload.buffers:
+            for start in range(0, len(view), _SEND_SLICE):
+                copy.write(view[start : start + _SEND_SLICE])
+    return payload.rows
+
+
 class Batch:
     """Handed to a loader's fill function: the only way it writes to the warehouse."""
 
@@ -78,6 +137,20 @@ class Batch:
             frame = frame.assign(_batch_id=self.batch_id)
         n = copy_in(self.conn, table, frame, binary=binary)
         self.report.rows_loaded[table] = self.report.rows_loaded.get(table, 0) + n
+        return n
+
+    def encode(self, table: str, frame: pa.Table, types: dict[str, str] | None, *, stamp: bool = True) -> CopyPayload:
+        """:meth:`copy` in two halves: the bytes now (any thread, no connection), :meth:`send` later.
+        ``stamp``: a raw table's rows get this batch's id and count in ``rows_loaded``."""
+        if stamp:
+            frame = frame.append_column("_batch_id", pa.array(np.full(frame.num_rows, self.batch_id, np.int64)))
+        return encode_copy(table, frame, types, count=stamp)
+
+    def send(self, payload: CopyPayload) -> int:
+        """Stream a payload from :meth:`encode` inside this batch's transaction."""
+        n = send_copy(self.conn, payload)
+        if payload.count:
+            self.report.rows_loaded[payload.table] = self.report.rows_loaded.get(payload.table, 0) + n
         return n
 
     def quarantine(self, rejected: pd.DataFrame) -> int:
