@@ -117,16 +117,44 @@ class BetaGeoFitter:
             )
         return a1 + a2 + np.logaddexp(a3, a4)
 
+    @staticmethod
+    def _loglik_terms(x, tx, t_cal):
+        """:meth:`_loglik` as a closure that evaluates its special functions once per distinct value.
+
+        Frequencies, recencies and ages are whole days: a 50k-customer sample holds a few dozen distinct
+        frequencies and a few hundred distinct days, so ``gammaln`` and ``log`` run on those and are gathered
+        per customer. Every customer's value is the same floating-point expression as in :meth:`_loglik`
+        (identical to the last bit, so the optimiser's path and the fitted parameters are unchanged); only the
+        number of special-function calls differs (the likelihood was ~90 % of ``prepare_training``).
+        """
+        ux, ix = np.unique(x, return_inverse=True)
+        utx, itx = np.unique(tx, return_inverse=True)
+        ut, it = np.unique(t_cal, return_inverse=True)
+        repeat = x > 0
+
+        def loglik(params):
+            r, alpha, a, b = params
+            a1 = (gammaln(r + ux) - gammaln(r) + r * np.log(alpha))[ix]
+            a2 = (gammaln(a + b) + gammaln(b + ux) - gammaln(b) - gammaln(a + b + ux))[ix]
+            rx = r + x
+            a3 = -rx * np.log(alpha + ut)[it]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                head = (np.log(a) - np.log(np.maximum(b + ux - 1, 1e-300)))[ix]
+                a4 = np.where(repeat, head - rx * np.log(alpha + utx)[itx], -np.inf)
+            return a1 + a2 + np.logaddexp(a3, a4)
+
+        return loglik
+
     def fit(self, frequency, recency, T) -> BetaGeoFitter:
         x, tx, t_cal = _as_arrays(frequency, recency, T)
         if not (x > 0).any():
             raise BtydInputError("BG/NBD cannot be fitted: no customer has a repeat purchase.")
         scale = 10.0 / t_cal.max() if t_cal.max() > 0 else 1.0  # fit on a unit where T is O(10): better conditioned
-        xs, txs, ts = x, tx * scale, t_cal * scale
+        loglik = self._loglik_terms(x, tx * scale, t_cal * scale)
 
         def nll(log_params):
             params = np.exp(log_params)
-            ll = self._loglik(params, xs, txs, ts).sum()
+            ll = loglik(params).sum()
             return -ll / x.size + self.penalizer * np.sum(params**2)
 
         best = _minimise(nll, (np.zeros(4), np.log([0.5, 1.0, 1.0, 5.0])))
@@ -164,6 +192,32 @@ class GammaGammaFitter:
     def __init__(self, penalizer: float = 0.0):
         self.penalizer = penalizer
 
+    @staticmethod
+    def _loglik(params, x, ms):
+        """Per-customer log-likelihood (repeat buyers: frequency x > 0, mean spend ms > 0)."""
+        p, q, g = params
+        return (
+            gammaln(p * x + q) - gammaln(p * x) - gammaln(q) + q * np.log(g)
+            + (p * x - 1) * np.log(ms) + (p * x) * np.log(x) - (p * x + q) * np.log(x * ms + g)
+        )
+
+    @staticmethod
+    def _loglik_terms(x, ms):
+        """:meth:`_loglik` with the gammaln terms once per distinct frequency (whole days) and the logs of the
+        data once per fit; each customer's term is the same expression, to the last bit (as BG/NBD's)."""
+        ux, ix = np.unique(x, return_inverse=True)
+        log_ms, log_x = np.log(ms), np.log(x)
+
+        def loglik(params):
+            p, q, g = params
+            px = p * x
+            return (
+                (gammaln(p * ux + q) - gammaln(p * ux))[ix] - gammaln(q) + q * np.log(g)
+                + (px - 1) * log_ms + px * log_x - (px + q) * np.log(x * ms + g)
+            )
+
+        return loglik
+
     def fit(self, frequency, monetary_value) -> GammaGammaFitter:
         x = np.asarray(frequency, dtype=float)
         m = np.asarray(monetary_value, dtype=float)
@@ -172,15 +226,11 @@ class GammaGammaFitter:
             raise BtydInputError("Gamma-Gamma needs at least two repeat buyers with positive spend.")
         x, m = x[keep], m[keep]
         scale = 1.0 / np.median(m)  # spend in units of the median: O(1) parameters
-        ms = m * scale
+        loglik = self._loglik_terms(x, m * scale)
 
         def nll(log_params):
             p, q, g = np.exp(log_params)
-            ll = (
-                gammaln(p * x + q) - gammaln(p * x) - gammaln(q) + q * np.log(g)
-                + (p * x - 1) * np.log(ms) + (p * x) * np.log(x) - (p * x + q) * np.log(x * ms + g)
-            )
-            return -ll.mean() + self.penalizer * (p**2 + q**2 + g**2)
+            return -loglik((p, q, g)).mean() + self.penalizer * (p**2 + q**2 + g**2)
 
         best = _minimise(nll, (np.zeros(3), np.log([2.0, 3.0, 1.0])))
         p, q, g = np.exp(best.x)

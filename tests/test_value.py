@@ -222,6 +222,24 @@ def test_btyd_boosted_with_near_zero_bases_stays_finite_and_sane(train):
     assert value_metrics(yv, pred)["rmse"] < 1.5 * value_metrics(yv, np.zeros_like(yv))["rmse"]
 
 
+def test_btyd_likelihoods_by_distinct_values_equal_the_per_customer_formulas():
+    """The BG/NBD and Gamma-Gamma fits evaluate their special functions once per distinct day count and
+    gather them; every customer's log-likelihood must equal the per-customer formula to the last bit (so the
+    optimiser's path and the fitted parameters are unchanged)."""
+    from ml.btyd import BetaGeoFitter, GammaGammaFitter
+
+    rng = np.random.default_rng(5)
+    t_cal = rng.integers(1, 700, 20_000).astype(float) * 0.0137  # whole days on the fit's scaled unit
+    x = rng.poisson(rng.gamma(0.8, 3.0, t_cal.size)).astype(float)
+    tx = np.where(x > 0, np.floor(rng.uniform(0, 1, t_cal.size) * t_cal / 0.0137) * 0.0137, 0.0)
+    for params in ([0.24, 4.4, 0.79, 2.4], [1.7, 0.3, 1.9, 11.0], [0.01, 90.0, 0.05, 0.2]):
+        fast = BetaGeoFitter._loglik_terms(x, tx, t_cal)(np.array(params))
+        assert np.array_equal(fast, BetaGeoFitter._loglik(np.array(params), x, tx, t_cal))
+    rep, ms = x[x > 0], np.exp(rng.normal(0, 0.6, int((x > 0).sum())))
+    for params in ((6.2, 3.9, 15.4), (0.4, 1.2, 0.03)):
+        assert np.array_equal(GammaGammaFitter._loglik_terms(rep, ms)(params), GammaGammaFitter._loglik(params, rep, ms))
+
+
 def test_the_blend_reuses_its_fitted_components(clv):
     """The default blend is the mean of candidates already fitted on the same rows (not refitted)."""
     v = clv.validation
