@@ -102,6 +102,8 @@ MAX_SELECT_ROWS = 150_000
 MAX_VALID_ROWS = 250_000  # validation rows: RMSE / top-decile capture on 250k rows vary in the 3rd digit
 # BtydBoostedRegressor's floor of the BTYD base, as a share of the mean training label (see its fit).
 BASE_FLOOR_SHARE = 0.01
+# Rows each tree of the random-forest candidate draws (see SubsampledForestRegressor); measured below.
+MAX_ROWS_PER_TREE = 20_000
 SCORE_CHUNK = 200_000  # scoring in chunks bounds the memory of the tree predictions at 1M customers
 
 
@@ -445,6 +447,39 @@ class BtydBoostedRegressor(RegressorMixin, BaseEstimator):
         return self._base(X) * self.estimator_.predict(self._inputs(X))
 
 
+class SubsampledForestRegressor(RegressorMixin, BaseEstimator):
+    """A random forest (NULLs imputed with the median) whose trees each draw ``max_samples`` of the rows but at
+    most ``max_rows_per_tree`` of them.
+
+    Fitted on 150k selection rows, half of them per tree (75k) made the forest ~70 % of ``fit_value``; the
+    cap keeps its cost flat in the row count. Each tree still draws its own rows from all of them, so the
+    forest as a whole sees every row. Fed float32 (the trees' own dtype: no second copy of the matrix).
+    """
+
+    def __init__(self, n_estimators: int = 60, min_samples_leaf: int = 20, max_features: float = 0.5,
+                 max_samples: float = 0.5, max_rows_per_tree: int = MAX_ROWS_PER_TREE, random_state: int = 0):
+        self.n_estimators = n_estimators
+        self.min_samples_leaf = min_samples_leaf
+        self.max_features = max_features
+        self.max_samples = max_samples
+        self.max_rows_per_tree = max_rows_per_tree
+        self.random_state = random_state
+
+    def fit(self, X, y, sample_weight=None):
+        self.feature_names_in_ = np.asarray(getattr(X, "columns", range(np.shape(X)[1])), dtype=object)
+        self.imputer_ = SimpleImputer(strategy="median", keep_empty_features=True).fit(X)
+        Z = self.imputer_.transform(X).astype(np.float32)
+        share = min(float(self.max_samples), self.max_rows_per_tree / max(len(Z), 1))
+        self.forest_ = RandomForestRegressor(
+            n_estimators=self.n_estimators, min_samples_leaf=self.min_samples_leaf, max_features=self.max_features,
+            max_samples=max(share, 1 / max(len(Z), 1)), n_jobs=1, random_state=self.random_state,
+        ).fit(Z, y, sample_weight=sample_weight)
+        return self
+
+    def predict(self, X):
+        return self.forest_.predict(self.imputer_.transform(X).astype(np.float32))
+
+
 class MeanEnsembleRegressor(RegressorMixin, BaseEstimator):
     """The plain average of several regressors' predictions.
 
@@ -474,13 +509,7 @@ def regression_candidates(random_state: int = 0, *, with_btyd: bool = True) -> d
             make_pipeline(_linear_preprocess(), TweedieRegressor(power=1.5, alpha=1e-3, link="log", max_iter=1000)),
             clip_negative=True,
         ),
-        "random_forest": PerDayRegressor(
-            make_pipeline(
-                SimpleImputer(strategy="median", keep_empty_features=True),
-                RandomForestRegressor(n_estimators=60, min_samples_leaf=20, max_features=0.5, max_samples=0.5, n_jobs=1,
-                                      random_state=random_state),
-            )
-        ),
+        "random_forest": PerDayRegressor(SubsampledForestRegressor(random_state=random_state)),
         "hist_gbm_poisson": PerDayRegressor(
             HistGradientBoostingRegressor(loss="poisson", learning_rate=0.05, max_iter=300, max_leaf_nodes=15,
                                           min_samples_leaf=50, early_stopping=False,
@@ -519,11 +548,19 @@ def temporal_split(training_set: pd.DataFrame, valid_snapshot: int = 1) -> tuple
     Older snapshots have larger numbers (snapshot 1 = latest fully labelled window). Training rows whose label
     window reaches past the validation cutoff are dropped, so the validation period is never seen.
     """
+    train_pos, valid_pos = _split_positions(training_set, valid_snapshot)
+    return training_set.iloc[train_pos], training_set.iloc[valid_pos]
+
+
+def _split_positions(training_set: pd.DataFrame, valid_snapshot: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`temporal_split` as row positions: the fits take a sample of them, so at 1M customers the two
+    sides are never copied whole (~0.7 GB of frames, twice per run)."""
     _check_frame(training_set, name="clv_training_set", labels=True)
     if "snapshot" not in training_set.columns:
         raise ValueInputError("clv_training_set has no snapshot column; temporal validation needs it.")
-    valid = training_set[training_set["snapshot"] == valid_snapshot]
-    older = training_set[training_set["snapshot"] > valid_snapshot]
+    snapshot = training_set["snapshot"].to_numpy()
+    valid = np.flatnonzero(snapshot == valid_snapshot)
+    older = np.flatnonzero(snapshot > valid_snapshot)
     if len(valid) == 0 or len(older) == 0:
         snaps = sorted(training_set["snapshot"].unique().tolist())
         raise ValueInputError(
@@ -531,9 +568,10 @@ def temporal_split(training_set: pd.DataFrame, valid_snapshot: int = 1) -> tuple
             f"{snaps}. Rebuild the marts with dbt var training_snapshots >= {valid_snapshot + 1}."
         )
     if "feature_cutoff_date" in training_set.columns:
-        valid_cutoff = pd.Timestamp(valid["feature_cutoff_date"].min())
-        label_end = pd.to_datetime(older["feature_cutoff_date"]) + pd.to_timedelta(older["horizon_days"], unit="D")
-        older = older[label_end <= valid_cutoff]
+        cutoff = training_set["feature_cutoff_date"]
+        valid_cutoff = pd.Timestamp(cutoff.iloc[valid].min())
+        label_end = (pd.to_datetime(cutoff.iloc[older]) + pd.to_timedelta(training_set["horizon_days"].iloc[older], unit="D"))
+        older = older[(label_end <= valid_cutoff).to_numpy()]
         if len(older) == 0:
             raise ValueInputError(
                 "Every older snapshot's label window overlaps the validation cutoff; use snapshots spaced by at "
@@ -618,17 +656,25 @@ def _prepare_training(training_set: pd.DataFrame | PreparedTraining, use_btyd: b
     return prepared.frame, prepared.btyd_params
 
 
-def _fit_rows(train: pd.DataFrame, valid: pd.DataFrame, random_state: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The rows the candidates are compared on: at most :data:`MAX_SELECT_ROWS` (and :data:`MAX_FIT_ROWS`)
-    fitted, :data:`MAX_VALID_ROWS` validated."""
-    return (_bounded(train, min(MAX_SELECT_ROWS, MAX_FIT_ROWS), random_state),
-            _bounded(valid, MAX_VALID_ROWS, random_state + 1))
+def _fit_rows(frame: pd.DataFrame, valid_snapshot: int, random_state: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The rows the candidates are compared on (:func:`temporal_split`'s sides, sampled): at most
+    :data:`MAX_SELECT_ROWS` (and :data:`MAX_FIT_ROWS`) fitted, :data:`MAX_VALID_ROWS` validated. The same
+    rows as sampling the split frames (:func:`_bounded`), but only the sampled rows are ever copied."""
+    train_pos, valid_pos = _split_positions(frame, valid_snapshot)
+    return (frame.iloc[_bounded_positions(train_pos, min(MAX_SELECT_ROWS, MAX_FIT_ROWS), random_state)],
+            frame.iloc[_bounded_positions(valid_pos, MAX_VALID_ROWS, random_state + 1)])
+
+
+def _bounded_positions(positions: np.ndarray, cap: int, random_state: int = 0) -> np.ndarray:
+    """:func:`_bounded` of ``frame.iloc[positions]``, as positions of ``frame``."""
+    if len(positions) <= cap:
+        return positions
+    return positions[np.sort(np.random.default_rng(random_state).choice(len(positions), cap, replace=False))]
 
 
 def validation_rows(prepared: PreparedTraining, valid_snapshot: int = 1, random_state: int = 0) -> pd.DataFrame:
     """The (BTYD-enriched) rows fit_value / fit_churn validate on: the champion is re-scored on the same."""
-    train, valid = temporal_split(prepared.frame, valid_snapshot)
-    return _fit_rows(train, valid, random_state)[1]
+    return _fit_rows(prepared.frame, valid_snapshot, random_state)[1]
 
 
 def fit_value(
@@ -677,7 +723,7 @@ def _fit_value(training_set, valid_snapshot, candidates, selection_metric, use_b
     cands = dict(candidates) if candidates is not None else regression_candidates(random_state, with_btyd=has_btyd)
     if not has_btyd:
         cands = {k: v for k, v in cands.items() if not _needs_btyd(v)}
-    train, valid = _fit_rows(*temporal_split(data, valid_snapshot), random_state)
+    train, valid = _fit_rows(data, valid_snapshot, random_state)
     features = numeric_feature_columns(data)
     y_valid = valid["future_spend"].to_numpy(float)
 
@@ -742,7 +788,7 @@ def _fit_churn(training_set, valid_snapshot, candidates, selection_metric, use_b
     import time
 
     data, btyd_params = _prepare_training(training_set, use_btyd)
-    train, valid = _fit_rows(*temporal_split(data, valid_snapshot), random_state)
+    train, valid = _fit_rows(data, valid_snapshot, random_state)
     churn_train = _churn_label(train)
     if churn_train.all() or not churn_train.any():
         raise ValueInputError(

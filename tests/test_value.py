@@ -240,6 +240,32 @@ def test_btyd_likelihoods_by_distinct_values_equal_the_per_customer_formulas():
         assert np.array_equal(GammaGammaFitter._loglik_terms(rep, ms)(params), GammaGammaFitter._loglik(params, rep, ms))
 
 
+def test_the_forest_candidate_caps_the_rows_each_tree_draws():
+    """Below its cap the forest is the former imputer + RandomForestRegressor pipeline, prediction for
+    prediction; above it each tree draws max_rows_per_tree rows (the forest was ~70 % of fit_value at 150k
+    selection rows)."""
+    from sklearn.ensemble import RandomForestRegressor
+    from sklearn.impute import SimpleImputer
+    from sklearn.pipeline import make_pipeline
+
+    from ml.value import SubsampledForestRegressor
+
+    rng = np.random.default_rng(2)
+    X = pd.DataFrame(rng.normal(size=(3000, 6)), columns=[f"f{i}" for i in range(6)])
+    X.loc[X.index[::7], "f2"] = np.nan
+    y = np.exp(X["f0"].to_numpy()) + rng.gamma(1.0, 1.0, len(X))
+    old = make_pipeline(
+        SimpleImputer(strategy="median", keep_empty_features=True),
+        RandomForestRegressor(n_estimators=12, min_samples_leaf=20, max_features=0.5, max_samples=0.5, n_jobs=1,
+                              random_state=0),
+    ).fit(X, y)
+    same = SubsampledForestRegressor(n_estimators=12, max_rows_per_tree=10**9).fit(X, y)
+    assert np.array_equal(same.predict(X), old.predict(X))
+    capped = SubsampledForestRegressor(n_estimators=12, max_rows_per_tree=500).fit(X, y)
+    assert {t.tree_.weighted_n_node_samples[0] for t in capped.forest_.estimators_} == {500.0}
+    assert np.isfinite(capped.predict(X)).all()
+
+
 def test_the_blend_reuses_its_fitted_components(clv):
     """The default blend is the mean of candidates already fitted on the same rows (not refitted)."""
     v = clv.validation
