@@ -506,7 +506,7 @@ class _Generation:
     # so the one server backend never idles while a payload is being encoded (at 1M the writer used to
     # encode then stream: the server sat idle for the encoding, ~half the client's CPU).
     def _submit(self, jobs: list[tuple[str, pa.Table, bool]]) -> None:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.thread_time()
         payloads = []
         for table, frame, stamp in jobs:
             # Binary where it pays (web events, orders: text ids and timestamps): the one server backend
@@ -516,6 +516,8 @@ class _Generation:
             payloads.append(self.batch.encode(table, frame, self.types[table], stamp=stamp))
         del jobs
         self._add_time("encode", started)
+        # CPU of this thread encoding: the client work the writer (and so the server) no longer waits for
+        self.timings["encode_cpu"] = self.timings.get("encode_cpu", 0.0) + time.thread_time() - cpu
         while len(self.pending) >= 1:  # at most one chunk queued behind the one being built: bounded memory
             started = time.perf_counter()
             self.pending.pop(0).result()
