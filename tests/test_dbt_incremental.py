@@ -21,7 +21,7 @@ INCREMENTAL_KEYS = {
     "staging.stg_crm__products": ["product_id"],
     "staging.stg_crm__orders": ["order_id"],
     "staging.stg_crm__order_lines": ["order_id", "line_no"],
-    "staging.stg_crm__web_events": ["_event_key"],
+    "staging.stg_crm__web_events": ["customer_id", "session_id", "event_type", "product_id", "event_at"],
     "staging.int_orders_validated": ["order_id"],
     "staging.int_order_lines_enriched": ["order_id", "line_no"],
     "staging.int_orders_enriched": ["order_id"],
@@ -65,6 +65,7 @@ def test_incremental_build_equals_full_refresh(warehouse):
         ("c1", "s1", "view", "P1", "2024-01-09 10:00", 1, loaded_1),
         ("c1", "s1", "search", None, "2024-01-09 10:01", 1, loaded_1),
         ("c2", None, "view", "P2", "2024-01-31 10:00", 1, loaded_1),
+        ("c2", None, None, "P2", "2024-01-31 11:00", 1, loaded_1),  # no event type
     ])
     dbt_build(warehouse, horizon_days=60)
     before = _snapshot(warehouse, "marts.fct_order_lines")
@@ -94,12 +95,17 @@ def test_incremental_build_equals_full_refresh(warehouse):
         web_events=[
             ("c1", "s1", "search", None, "2024-01-09 10:01", 3, LOADED_3),  # exact re-delivery, null product
             ("c7", "s9", "view", "P3", "2024-03-24 10:00", 3, LOADED_3),  # new
+            # the same event with a blank event type (cleaned to ''): another key, but the incremental delete
+            # coalesces null to '' (stg_crm__web_events' unique key): the null-typed row is deleted and re-inserted
+            ("c2", None, " ", "P2", "2024-01-31 11:00", 3, LOADED_3),
         ],
     )
     incremental = dbt_build(warehouse, horizon_days=60)
     assert incremental.node("fct_order_lines").status == "success"
     assert incremental.node("stg_crm__order_lines").status == "success"
     inc_all = {table: _snapshot(warehouse, table) for table in INCREMENTAL_KEYS}
+    c2_events = inc_all["staging.stg_crm__web_events"].query("customer_id == 'c2'")
+    assert sorted(c2_events["event_type"].fillna("<null>")) == ["", "<null>", "view"]
     inc_orders = _snapshot(warehouse, "marts.fct_orders")
     inc_lines = _snapshot(warehouse, "marts.fct_order_lines")
 

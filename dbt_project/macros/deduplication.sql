@@ -83,7 +83,8 @@ hash_record_extended(row(
     that began before the last run and committed after it carries an older _loaded_at). Keys are compared
     after cleaning, as the dedup partitions them; rows with a null key part never match (staging drops them,
     int_rows_rejected counts them from the raw table). Called inside `if is_incremental()` in the model (unit
-    tests override is_incremental only there). -#}
+    tests override is_incremental only there). Each staging model indexes `_loaded_at` (its watermark is a max,
+    and the next models read the rows changed since) and its key (the delete of the touched keys). -#}
 {% macro touched_keys_filter(source_relation, key_expressions) -%}
     where ({{ key_expressions | join(', ') }}) in (
         select {{ key_expressions | join(', ') }}
@@ -93,12 +94,33 @@ hash_record_extended(row(
 {%- endmacro %}
 
 
-{#- The newest load time already processed into this incremental model, minus the look-back. -#}
+{#- How a staging model declares its `source` CTE: in an incremental run it holds the night's touched rows
+    (a few thousand), read three times by ranked_deliveries: materialised once, so the raw table is scanned
+    once, not three times (as an inlined CTE it was: the filter's semi-join too). In a full build it is the
+    whole raw table: inlined, never spooled to disk. -#}
+{% macro source_cte_materialization() -%}
+{{ 'materialized' if is_incremental() else 'not materialized' }}
+{%- endmacro %}
+
+
+{#- The newest load time already processed into this incremental model, minus the look-back, as a literal.
+    It is read once when the model runs (dbt compiles a model just before running it), not left as a
+    subquery: a subquery is planned as an unknown value (a third of the rows taken), so the planner hashed
+    or sorted whole tables to find the night's few thousand rows, and it was re-evaluated (a scan of this
+    model) at every reference. A literal lets the statistics say "a few rows", and the BRIN / btree indexes
+    find them. Call it once per model (`set watermark = delivery_watermark(...)`). At parse time (no
+    database) it renders the equivalent subquery. -#}
 {% macro delivery_watermark(column) -%}
-(
+{%- set watermark_sql -%}
     select coalesce(max({{ column }}), '-infinity'::timestamptz)
         - interval '{{ var("incremental_lookback_hours") }} hours'
     from {{ this }}
-)
+{%- endset -%}
+{%- if execute -%}
+    {#- the 'wm:' prefix keeps agate from parsing the text back into a datetime (and its time zone) -#}
+    {%- set value = run_query("select 'wm:' || (" ~ watermark_sql ~ ")::text").columns[0].values()[0] -%}
+'{{ value[3:] }}'::timestamptz
+{%- else -%}
+({{ watermark_sql }})
+{%- endif -%}
 {%- endmacro %}
-

@@ -9,13 +9,14 @@
 with
 
 {%- if is_incremental() %}
+{%- set watermark = delivery_watermark('_source_loaded_at') %}
 -- only orders whose own row or any of whose lines changed since the watermark, recomputed from all their lines
 changed_orders as (
     select order_id from {{ ref('int_orders_validated') }}
-    where _source_loaded_at > {{ delivery_watermark('_source_loaded_at') }}
+    where _source_loaded_at > {{ watermark }}
     union
     select order_id from {{ ref('int_order_lines_enriched') }}
-    where _source_loaded_at > {{ delivery_watermark('_source_loaded_at') }}
+    where _source_loaded_at > {{ watermark }}
 ),
 {%- endif %}
 

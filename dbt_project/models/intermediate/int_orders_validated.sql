@@ -7,14 +7,17 @@
 -- One row per order with its customer's flags and the reason, if any, it must not reach the marts.
 with
 
+{%- if is_incremental() %}
+{%- set watermark = delivery_watermark('_source_loaded_at') %}
+{%- endif %}
 orders as (
     select * from {{ ref('stg_crm__orders') }}
     {%- if is_incremental() %}
     -- only orders re-delivered since the watermark, or whose customer was
-    where _loaded_at > {{ delivery_watermark('_source_loaded_at') }}
+    where _loaded_at > {{ watermark }}
        or customer_id in (
            select customer_id from {{ ref('stg_crm__customers') }}
-           where _loaded_at > {{ delivery_watermark('_source_loaded_at') }}
+           where _loaded_at > {{ watermark }}
        )
     {%- endif %}
 ),

@@ -6,16 +6,31 @@ products as (
     select * from {{ ref('stg_crm__products') }}
 ),
 
-order_lines as (
-    select * from {{ ref('stg_crm__order_lines') }}
+-- Only lines of products without a usable catalogue list price can change a list_price (coalesce(list_price,
+-- median) below): the median is sorted for their lines alone, not for all 11M lines at 1M customers (that sort
+-- was most of this model). A product missing from the catalogue has no list price either, so the same lines
+-- give the uncatalogued products.
+catalogue_priced as (
+    select product_id from products where list_price is not null
+),
+
+unpriced_lines as materialized (
+    select
+        product_id,
+        quantity,
+        unit_price
+    from {{ ref('stg_crm__order_lines') }} as order_lines
     where product_id is not null
+      and not exists (
+          select from catalogue_priced where catalogue_priced.product_id = order_lines.product_id
+      )
 ),
 
 observed_prices as (
     select
         product_id,
         percentile_cont(0.5) within group (order by unit_price) as median_unit_price
-    from order_lines
+    from unpriced_lines
     where quantity > 0
       and unit_price > 0
     group by product_id
@@ -23,10 +38,10 @@ observed_prices as (
 
 uncatalogued as (
     select distinct
-        order_lines.product_id
-    from order_lines
+        unpriced_lines.product_id
+    from unpriced_lines
     left join products
-        on order_lines.product_id = products.product_id
+        on unpriced_lines.product_id = products.product_id
     where products.product_id is null
 ),
 

@@ -16,13 +16,9 @@ orders as (
     select * from {{ ref('int_orders_enriched') }}
     where exclusion_reason is null
     {%- if is_incremental() %}
-      and _source_loaded_at > (
-          -- a load whose transaction began before the last run but committed after it carries an older
-          -- _loaded_at: look back a few hours (re-processing an order is idempotent)
-          select coalesce(max(_source_loaded_at), '-infinity'::timestamptz)
-              - interval '{{ var("incremental_lookback_hours") }} hours'
-          from {{ this }}
-      )
+      -- a load whose transaction began before the last run but committed after it carries an older
+      -- _loaded_at: the watermark looks back a few hours (re-processing an order is idempotent)
+      and _source_loaded_at > {{ delivery_watermark('_source_loaded_at') }}
     {%- endif %}
 ),
 

@@ -3,11 +3,12 @@
     unique_key='customer_id',
     incremental_strategy='delete+insert',
     on_schema_change='fail',
+    indexes=[{'columns': ['_loaded_at']}, {'columns': ['customer_id']}],
 ) }}
 -- One row per customer id: the latest delivery, cleaned. Test accounts stay here, flagged; the marts drop them.
 with
 
-source as (
+source as {{ source_cte_materialization() }} (
     select * from {{ source('crm', 'customers') }}
     {%- if is_incremental() %}
     {{ touched_keys_filter(source('crm', 'customers'), [clean_id('customer_id')]) }}

@@ -3,11 +3,12 @@
     unique_key=['order_id', 'line_no'],
     incremental_strategy='delete+insert',
     on_schema_change='fail',
+    indexes=[{'columns': ['_loaded_at']}, {'columns': ['order_id', 'line_no']}],
 ) }}
 -- One row per order line (order_id, line_no): the latest delivery. Negative quantities are returns.
 with
 
-source as (
+source as {{ source_cte_materialization() }} (
     select * from {{ source('crm', 'order_lines') }}
     {%- if is_incremental() %}
     {{ touched_keys_filter(source('crm', 'order_lines'), ["nullif(trim(order_id), '')", "line_no"]) }}

@@ -3,12 +3,13 @@
     unique_key='order_id',
     incremental_strategy='delete+insert',
     on_schema_change='fail',
+    indexes=[{'columns': ['_loaded_at']}, {'columns': ['order_id']}],
 ) }}
 -- One row per order id: the latest delivery, with the source status mapped onto completed/cancelled/returned.
 -- An order timestamped after it was loaded cannot have happened yet: flagged future-dated.
 with
 
-source as (
+source as {{ source_cte_materialization() }} (
     select * from {{ source('crm', 'orders') }}
     {%- if is_incremental() %}
     {{ touched_keys_filter(source('crm', 'orders'), ["nullif(trim(order_id), '')"]) }}

@@ -3,11 +3,12 @@
     unique_key='product_id',
     incremental_strategy='delete+insert',
     on_schema_change='fail',
+    indexes=[{'columns': ['_loaded_at']}, {'columns': ['product_id']}],
 ) }}
 -- One row per product id: the latest delivery, trimmed. `is_product` is false for fee and adjustment codes.
 with
 
-source as (
+source as {{ source_cte_materialization() }} (
     select * from {{ source('crm', 'products') }}
     {%- if is_incremental() %}
     {{ touched_keys_filter(source('crm', 'products'), ["nullif(trim(product_id), '')"]) }}

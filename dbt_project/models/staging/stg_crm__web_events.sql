@@ -1,15 +1,26 @@
-{#- The dedup key has nullable parts (product_id, session_id): delete+insert needs a non-null key, so the
-    row carries _event_key, the key as a JSON array (null stays distinct from the text 'null'). -#}
+{#- The dedup key has nullable parts (product_id, session_id), and delete+insert matches keys with `=`, which
+    never matches a null. So the unique key is the key with nulls coalesced to '', exactly as the
+    touched-keys filter below coalesces it: a delete that conflates null with '' only removes rows whose
+    coalesced key was touched, and the filter re-processed (and re-inserts) every one of them. (It used to be a
+    stored md5 of the key as JSON: 5.9 CPU s of 2.8M rows' full build at 200k customers, ~28 s at 1M.) -#}
+{%- set event_key = [
+    "coalesce(customer_id, '')",
+    "coalesce(session_id, '')",
+    "coalesce(event_type, '')",
+    "coalesce(product_id, '')",
+    "event_at",
+] %}
 {{ config(
     materialized='incremental',
-    unique_key='_event_key',
+    unique_key=event_key,
     incremental_strategy='delete+insert',
     on_schema_change='fail',
+    indexes=[{'columns': ['_loaded_at']}],
 ) }}
 -- One row per distinct web event (exact re-deliveries dropped).
 with
 
-source as (
+source as {{ source_cte_materialization() }} (
     select * from {{ source('crm', 'web_events') }}
     {#- coalesced so that the touched keys can be hash-matched: conflating null with '' only re-processes a
         few more rows, never fewer -#}
@@ -48,8 +59,7 @@ deduplicated as (
         product_id,
         event_at,
         event_at::date as event_date,
-        {{ delivery_columns() }},
-        md5(jsonb_build_array(customer_id, session_id, event_type, product_id, event_at)::text) as _event_key
+        {{ delivery_columns() }}
     from ranked
     where _delivery_rank = 1
       and event_at is not null
