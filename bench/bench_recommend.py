@@ -7,8 +7,9 @@
 Per scale: a temporary embedded warehouse (``bench.pipeline.temp_warehouse``), the generator, the dbt
 marts basket training reads, then ``ml.train_baskets.read_basket_marts`` (COPY out). Each recommender is
 fitted on every customer's baskets and scores every customer (top 10, with reasons, nothing already
-bought) — the nightly ``ml.product_recommendations`` workload — with wall time and peak RSS of this
-process (sampled, ``bench.harness.measure``).
+bought) — the nightly ``ml.product_recommendations`` workload, ``recommend_from_lines`` as the nightly calls
+it — with wall and CPU time and peak RSS of this process (sampled, ``bench.harness.measure``). Scoring uses
+two threads on two cores; ``CRM_SCORING_THREADS=1`` measures the serial loop.
 
 ``--parquet DIR``: read the marts from parquet exports of a built warehouse (the 1M template's
 ``/work/bench1m/parquet``); ``--customers`` then only labels the rows.
@@ -116,6 +117,7 @@ def parquet_marts(directory: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 def bench_models(lines: pd.DataFrame, products: pd.DataFrame, names: list[str], customers: int) -> tuple[list, dict]:
     from sklearn.base import clone
 
+    from ml.recommend import _scoring_threads
     from ml.train_baskets import recommenders
 
     candidates = recommenders(min_support=0.001, min_confidence=0.1, min_lift=1.0, max_len=3)
@@ -129,14 +131,16 @@ def bench_models(lines: pd.DataFrame, products: pd.DataFrame, names: list[str], 
             model.fit(lines, products)
         fit_cpu, cpu = time.process_time() - cpu, time.process_time()
         with measure(f"score {name}") as score:
-            recs = model.recommend(ids, n=10)
+            # the nightly path (ml.train_baskets.recommendation_frame): every customer from their lines,
+            # chunks scored on ml.recommend._scoring_threads() threads
+            recs = model.recommend_from_lines(lines, ids, n=10)
         score_cpu = time.process_time() - cpu
         fitted[name] = model
         rows.append({
             "customers": f"{customers:,}", "model": name, "lines": f"{len(lines):,}",
             "fit_s": round(fit.seconds, 2), "fit_cpu_s": round(fit_cpu, 2), "score_s": round(score.seconds, 2),
             "score_cpu_s": round(score_cpu, 2),
-            "scored": f"{recs['customer_id'].nunique():,}",
+            "scored": f"{recs['customer_id'].nunique():,}", "threads": _scoring_threads(),
             "per_1k_customers_ms": round(1000 * score.seconds / max(len(ids), 1) * 1000, 1),
             "peak_rss_mb": round(max(fit.peak_rss_python_mb, score.peak_rss_python_mb)),
         })

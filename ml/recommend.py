@@ -24,6 +24,10 @@ reason and with ``method='popularity'``.
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -39,6 +43,16 @@ _CHUNK_CELLS = 4_000_000
 # float64, as the sparse path: float32 reorders near-tied candidates, which moves the learned blend weights
 _DENSE_ITEM_CELLS = 16_000_000
 _PREPARED = "crm_prepared_interactions"
+# scoring chunks are independent: up to this many are scored at once in threads (NumPy and SciPy's sparse
+# products release the GIL); CRM_SCORING_THREADS overrides it (1: serial)
+_MAX_SCORING_THREADS = 2
+# the per-chunk memo (neighbours, fired rules, blend parts) of each model, per thread: the fitted models are
+# shared by the scoring threads, so the memo cannot live on them
+_CALL_STATE = threading.local()
+_DENSE_LOCK = threading.Lock()
+# while a hybrid fits: the base state (indexes, history, recent baskets) of each set of lines, computed once
+# and shared by its components (at 1M customers six equal copies cost ~6x the CPU and ~1 GB at the peak)
+_FIT_STATE = threading.local()
 
 
 class RecommenderError(CrmError):
@@ -177,25 +191,42 @@ class BaseRecommender(BaseEstimator):
         lines = prepare_interactions(interactions)
         if products is None:
             products = products_from_interactions(interactions)
-        catalogue = lines["product_id"].unique()
-        if products is not None and len(products):
-            catalogue = pd.Index(catalogue).union(pd.Index(products["product_id"].astype(str)))
-        self.items_ = pd.Index(pd.Index(catalogue).unique().sort_values(), name="product_id")
-        self.customers_ = pd.Index(lines["customer_id"].unique(), name="customer_id").sort_values()
-        self.products_ = self._products_table(products)
-        rows = self.customers_.get_indexer(lines["customer_id"])
-        cols = self.items_.get_indexer(lines["product_id"])
-        shape = (len(self.customers_), len(self.items_))
-        # customer x item: number of orders containing the item
-        self.history_ = sp.csr_matrix((np.ones(len(lines), dtype=np.float32), (rows, cols)), shape=shape)
-        self.history_.sum_duplicates()
-        self.item_orders_ = np.asarray(self.history_.sum(axis=0)).ravel()  # baskets containing each item
-        self.recent_ = self._recent_baskets(lines, rows, cols, shape)
-        self.last_ordered_at_ = lines["ordered_at"].max()
+        shared = getattr(_FIT_STATE, "bases", None)
+        key = (id(lines), id(products), self.n_recent_baskets)
+        base = shared.get(key) if shared is not None else None
+        if base is None:
+            base = self._fit_base(lines, products)
+            if shared is not None:
+                shared[key] = base
+        # the same objects for every component of a hybrid fitted on these lines (read-only from here on)
+        for name, value in base.items():
+            setattr(self, name, value)
         self._lines = lines  # kept for subclasses' fitting only; dropped after
         self._fit_model()
         del self._lines
         return self
+
+    def _fit_base(self, lines: pd.DataFrame, products: pd.DataFrame | None) -> dict:
+        """What every recommender learns from the lines alone: indexes, history, recent baskets."""
+        catalogue = lines["product_id"].unique()
+        if products is not None and len(products):
+            catalogue = pd.Index(catalogue).union(pd.Index(products["product_id"].astype(str)))
+        self.items_ = pd.Index(pd.Index(catalogue).unique().sort_values(), name="product_id")
+        customers = pd.Index(lines["customer_id"].unique(), name="customer_id").sort_values()
+        products_table = self._products_table(products)
+        rows = customers.get_indexer(lines["customer_id"])
+        cols = self.items_.get_indexer(lines["product_id"])
+        shape = (len(customers), len(self.items_))
+        # customer x item: number of orders containing the item
+        history = sp.csr_matrix((np.ones(len(lines), dtype=np.float32), (rows, cols)), shape=shape)
+        history.sum_duplicates()
+        return {
+            "items_": self.items_, "customers_": customers, "products_": products_table, "names_": self.names_,
+            "history_": history,
+            "item_orders_": np.asarray(history.sum(axis=0)).ravel(),  # baskets containing each item
+            "recent_": self._recent_baskets(lines, rows, cols, shape),
+            "last_ordered_at_": lines["ordered_at"].max(),
+        }
 
     # -- hooks
     def _fit_model(self) -> None:  # pragma: no cover - overridden
@@ -252,9 +283,24 @@ class BaseRecommender(BaseEstimator):
         """
         dense = self.__dict__.setdefault("_dense_cache", {})
         if name not in dense:
-            size = len(self.items_) ** 2 if cells is None else cells
-            dense[name] = np.asarray(build(), dtype=dtype) if size <= _DENSE_ITEM_CELLS else None
+            with _DENSE_LOCK:  # scoring threads: built once, by the first thread that needs it
+                if name not in dense:
+                    size = len(self.items_) ** 2 if cells is None else cells
+                    dense[name] = np.asarray(build(), dtype=dtype) if size <= _DENSE_ITEM_CELLS else None
         return dense[name]
+
+    @property
+    def _cache(self) -> dict | None:
+        """This thread's memo of the chunk being scored (None outside a scoring call)."""
+        return getattr(_CALL_STATE, "memos", {}).get(id(self))
+
+    @_cache.setter
+    def _cache(self, value: dict | None) -> None:
+        memos = _CALL_STATE.__dict__.setdefault("memos", {})
+        if value is None:
+            memos.pop(id(self), None)
+        else:
+            memos[id(self)] = value
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -288,13 +334,14 @@ class BaseRecommender(BaseEstimator):
         ids = pd.Index(pd.Series(list(customer_ids), dtype="str")).unique()
         rows = self.customers_.get_indexer(ids)
         known = rows >= 0
-        frames = []
-        chunk = max(1, self._chunk_cells // max(len(self.items_), 1))
         known_rows, known_ids = rows[known], ids[known]
-        for start in range(0, len(known_rows), chunk):
-            r = known_rows[start:start + chunk]
-            frames.append(self._recommend_rows(
-                known_ids[start:start + chunk], self.history_[r], self.recent_[r], r, n, exclude_purchased, explain))
+
+        def chunk_of(s, e):
+            r = known_rows[s:e]
+            return self._recommend_rows(known_ids[s:e], self.history_[r], self.recent_[r], r, n, exclude_purchased,
+                                        explain)
+
+        frames = self._score_chunks(len(known_rows), chunk_of)
         if (~known).any():
             frames.append(self._cold_start(ids[~known], n))
         if not frames:
@@ -354,19 +401,39 @@ class BaseRecommender(BaseEstimator):
         shape = (len(ids), len(self.items_))
         history = sp.csr_matrix((np.ones(keep.sum(), dtype=np.float32), (r[keep], c[keep])), shape=shape)
         history.sum_duplicates()
-        recent = self._recent_baskets(lines[keep].reset_index(drop=True), r[keep], c[keep], shape)
+        # the lines as they are when every one is kept (the nightly case): no copy of 10M+ rows
+        kept = lines if keep.all() else lines[keep].reset_index(drop=True)
+        recent = self._recent_baskets(kept, r[keep], c[keep], shape)
+        del kept
         rows = self.customers_.get_indexer(ids)  # -1: a customer the model has not seen
-        chunk = max(1, self._chunk_cells // max(len(self.items_), 1))
-        frames = [self._recommend_rows(ids[s:s + chunk], history[s:s + chunk], recent[s:s + chunk],
-                                       rows[s:s + chunk], n, exclude_purchased, explain)
-                  for s in range(0, len(ids), chunk)]
+        del lines, r, c, keep
+
+        def chunk_of(s, e):
+            return self._recommend_rows(ids[s:e], history[s:e], recent[s:e], rows[s:e], n, exclude_purchased, explain)
+
+        frames = self._score_chunks(len(ids), chunk_of)
         if not frames:
             return pd.DataFrame(columns=OUTPUT_COLUMNS)
         return pd.concat(frames, ignore_index=True)[OUTPUT_COLUMNS]
 
+    def _score_chunks(self, n_rows: int, chunk_of) -> list[pd.DataFrame]:
+        """``chunk_of(start, end)`` for consecutive chunks of ``n_rows`` customers, in order.
+
+        Chunks are independent (each customer's answer depends on their own rows only), so they are scored
+        by up to ``_MAX_SCORING_THREADS`` threads; the results come back in chunk order, the same frames
+        as a serial loop (the tests compare the two).
+        """
+        chunk = max(1, self._chunk_cells // max(len(self.items_), 1))
+        bounds = [(s, min(s + chunk, n_rows)) for s in range(0, n_rows, chunk)]
+        threads = min(_scoring_threads(), len(bounds))
+        if threads <= 1:
+            return [chunk_of(s, e) for s, e in bounds]
+        with ThreadPoolExecutor(threads, thread_name_prefix="crm-score") as pool:
+            return list(pool.map(lambda b: chunk_of(*b), bounds))
+
     def _memo(self, key, compute):
         """Reuse a chunk's intermediate (neighbours, fired rules) between scoring and explaining."""
-        cache = self.__dict__.get("_cache")
+        cache = self._cache
         if cache is None:
             return compute()
         if key not in cache:
@@ -412,28 +479,31 @@ class BaseRecommender(BaseEstimator):
             reasons = np.full(picks.shape, "", dtype=object)
         if explain and fill.any():
             reasons[fill] = _popular_reasons(self.item_orders_[picks[fill]], "")
-        methods = np.where(fill, "popularity", self.method)
-        out = pd.DataFrame({
-            "customer_id": np.repeat(np.asarray(ids, dtype=object), n_eff),
-            "rank": np.tile(np.arange(1, n_eff + 1), len(ids)),
-            "product_id": self.items_.to_numpy()[picks.ravel()],
-            "score": np.where(positive, picked, 0.0).ravel(),
-            "method": methods.ravel(),
-            "reason": reasons.ravel(),
+        keep = np.flatnonzero(valid.ravel())
+        # Arrow-backed strings built per chunk: ids, items and methods are takes from small Arrow arrays (no
+        # Python string per row), and the chunk's reason objects are freed here, not held until the end of a
+        # 10M-row scoring (at 1M customers the object columns were most of the step's peak memory)
+        methods = _text([self.method, "popularity"]).take(fill.ravel()[keep].astype(np.int64))
+        return pd.DataFrame({
+            "customer_id": _text(ids).take(np.repeat(np.arange(len(ids)), n_eff)[keep]),
+            "rank": np.tile(np.arange(1, n_eff + 1), len(ids))[keep],
+            "product_id": _text(self.items_).take(picks.ravel()[keep]),
+            "score": np.where(positive, picked, 0.0).ravel()[keep],
+            "method": methods,
+            "reason": pd.array(reasons.ravel()[keep], dtype="str"),
         })
-        return out[valid.ravel()].reset_index(drop=True)
 
     def _cold_start(self, ids, n) -> pd.DataFrame:
         pop = self._popularity_scores()
         n_eff = min(n, len(pop))
         top = np.argsort(-pop, kind="stable")[:n_eff]
         return pd.DataFrame({
-            "customer_id": np.repeat(np.asarray(ids, dtype=object), n_eff),
+            "customer_id": _text(ids).take(np.repeat(np.arange(len(ids)), n_eff)),
             "rank": np.tile(np.arange(1, n_eff + 1), len(ids)),
-            "product_id": np.tile(self.items_.to_numpy()[top], len(ids)),
+            "product_id": _text(self.items_).take(np.tile(top, len(ids))),
             "score": np.tile(pop[top] / max(pop.max(), 1.0), len(ids)),
-            "method": "popularity",
-            "reason": "popular item (no history)",
+            "method": pd.array(["popularity"] * (n_eff * len(ids)), dtype="str"),
+            "reason": pd.array(["popular item (no history)"] * (n_eff * len(ids)), dtype="str"),
         })
 
     def _similar_bought_reasons(self, history, picks, similarity, prefix="similar to") -> np.ndarray:
@@ -470,6 +540,22 @@ class BaseRecommender(BaseEstimator):
                 + (", " + pd.Series(second, dtype="str")).fillna(""))
         out = text.fillna(f"recommended by {self.method}").to_numpy(dtype=object)
         return out.reshape(picks.shape)
+
+
+def _text(values) -> pd.api.extensions.ExtensionArray:
+    """``values`` as pandas' Arrow-backed string array (no copy when they already are)."""
+    array = getattr(values, "array", None)
+    if array is not None and isinstance(array.dtype, pd.StringDtype) and array.dtype.storage == "pyarrow":
+        return array
+    return pd.array(np.asarray(values, dtype=object), dtype="str")
+
+
+def _scoring_threads() -> int:
+    """Threads that score chunks: ``CRM_SCORING_THREADS``, else the usable cores up to ``_MAX_SCORING_THREADS``."""
+    configured = os.environ.get("CRM_SCORING_THREADS", "").strip()
+    if configured:
+        return max(1, int(configured))
+    return max(1, min(_MAX_SCORING_THREADS, len(os.sched_getaffinity(0))))
 
 
 def _popular_reasons(counts: np.ndarray, when: str) -> np.ndarray:
@@ -743,9 +829,14 @@ class UserKNNRecommender(BaseRecommender):
         else:  # rows may hold -1 (a customer the model has not seen): no self to exclude
             r = np.asarray(rows)
             self_pos = np.where(r >= 0, self.pool_position_[np.maximum(r, 0)], -1)
+        # the pool's vectors dense (items x pool float32, 16 MB at 2,000 x 2,000): a sparse x dense product
+        # writes the block directly, with the same float32 sums in the same order as sparse x sparse
+        pool_t = self._dense("pool_vectors_t", lambda: self.pool_vectors_t_.toarray(),
+                             cells=int(np.prod(self.pool_vectors_t_.shape)), dtype=np.float32)
         out_rows, out_cols, out_vals = [], [], []
         for start in range(0, weighted.shape[0], self._block_rows):
-            block = (weighted[start:start + self._block_rows] @ self.pool_vectors_t_).toarray()
+            part = weighted[start:start + self._block_rows]
+            block = np.asarray(part @ pool_t) if pool_t is not None else (part @ self.pool_vectors_t_).toarray()
             n = block.shape[0]
             own = self_pos[start:start + n]
             has_own = own >= 0
@@ -760,6 +851,10 @@ class UserKNNRecommender(BaseRecommender):
                              shape=(history.shape[0], n_pool))
 
     def _scores(self, history, recent, rows):
+        bought = self._dense("pool_bought_f32", lambda: self.pool_bought_.toarray(),
+                             cells=int(np.prod(self.pool_bought_.shape)), dtype=np.float32)
+        if bought is not None:  # sparse x dense, the same float32 sums as sparse x sparse
+            return np.asarray(self._neighbours(history, rows) @ bought)
         return (self._neighbours(history, rows) @ self.pool_bought_).toarray()
 
     def _reasons(self, history, recent, rows, picks, picked_scores):
@@ -876,19 +971,39 @@ def holdout_last_order(lines: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:
     before. Customers with one order, or whose last order holds nothing new, have no target.
     Orders are ordered by ``ordered_at`` (basket id breaks ties).
     """
-    lines = prepare_interactions(lines)
+    history, targets, _ = _holdout(prepare_interactions(lines))
+    return history, targets
+
+
+def _holdout(lines: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series, np.ndarray]:
+    """:func:`holdout_last_order` of prepared lines, plus the mask of the hidden lines.
+
+    Integer codes instead of string sets (``isin`` of basket ids, a MultiIndex of (customer, product)) and
+    one frozenset per customer from a sorted split instead of a groupby aggregation (a Python call per
+    group: ~8 CPU s at 100k customers, linear in customers).
+    """
     orders = lines[["customer_id", "basket_id", "ordered_at"]].groupby(["customer_id", "basket_id"], as_index=False)[
         "ordered_at"].min()
     orders = orders.sort_values(["customer_id", "ordered_at", "basket_id"])
     orders["from_end"] = orders.groupby("customer_id").cumcount(ascending=False)
     orders["n_orders"] = orders.groupby("customer_id")["basket_id"].transform("size")
     hidden = orders.loc[(orders["from_end"] == 0) & (orders["n_orders"] >= 2), "basket_id"]
-    is_hidden = lines["basket_id"].isin(hidden)
-    history, last = lines[~is_hidden], lines[is_hidden]
-    seen = pd.MultiIndex.from_frame(history[["customer_id", "product_id"]])
-    new = last[~pd.MultiIndex.from_frame(last[["customer_id", "product_id"]]).isin(seen)]
-    targets = new.groupby("customer_id")["product_id"].agg(frozenset)
-    return history.reset_index(drop=True), targets
+    basket_codes, baskets = pd.factorize(lines["basket_id"])
+    hidden_basket = np.zeros(len(baskets), dtype=bool)
+    hidden_basket[pd.Index(baskets).get_indexer(pd.unique(hidden))] = True
+    is_hidden = hidden_basket[basket_codes] if len(basket_codes) else np.zeros(0, dtype=bool)
+    cust_codes, _ = pd.factorize(lines["customer_id"])
+    prod_codes, products = pd.factorize(lines["product_id"])
+    pair = cust_codes.astype(np.int64) * max(len(products), 1) + prod_codes
+    new = is_hidden & ~np.isin(pair, pair[~is_hidden])  # hidden lines of items the customer had not bought
+    # Python strings only for the new items' lines (not a 10M+ object copy of the columns)
+    codes, customers = pd.factorize(lines["customer_id"][new], sort=True)
+    order = np.argsort(codes, kind="stable")
+    items = lines["product_id"][new].to_numpy(dtype=object)[order]
+    ends = np.cumsum(np.bincount(codes, minlength=len(customers)))[:-1]
+    targets = pd.Series([frozenset(part) for part in np.split(items, ends)] if len(customers) else [],
+                        index=pd.Index(customers, name="customer_id", dtype="str"), name="product_id", dtype=object)
+    return lines[~is_hidden].reset_index(drop=True), targets, is_hidden
 
 
 def default_components() -> dict[str, BaseRecommender]:
@@ -944,6 +1059,16 @@ class HybridRecommender(BaseRecommender):
         if products is None:
             products = products_from_interactions(interactions)
         lines = prepare_interactions(interactions)  # once, shared by every component fit below
+        outer = getattr(_FIT_STATE, "bases", None)
+        _FIT_STATE.bases = {} if outer is None else outer
+        try:
+            self._fit_all(comps, lines, products)
+        finally:
+            _FIT_STATE.bases = outer
+        self._share_indexes()
+        return self
+
+    def _fit_all(self, comps, lines, products):
         if self.weights is not None:
             self.weights_ = {k: float(self.weights.get(k, 0.0)) for k in comps}
             self.cold_weights_ = dict(self.weights_)
@@ -951,10 +1076,9 @@ class HybridRecommender(BaseRecommender):
             self.validation_ = {}
         else:
             self._learn_weights(comps, lines, products)
+        _FIT_STATE.bases.clear()  # the validation history's base is not needed any more
         self.fitted_components_ = {k: clone(c).fit(lines, products) for k, c in comps.items()}
         super().fit(lines, products)
-        self._share_indexes()
-        return self
 
     def _share_indexes(self) -> None:
         """Point the components at the hybrid's own customer/item indexes and matrices where equal.
@@ -969,6 +1093,8 @@ class HybridRecommender(BaseRecommender):
             comp.customers_, comp.items_ = self.customers_, self.items_
             for name in ("history_", "recent_"):
                 mine, theirs = getattr(self, name), getattr(comp, name)
+                if mine is theirs:
+                    continue
                 if mine.shape == theirs.shape and mine.dtype == theirs.dtype and (mine != theirs).nnz == 0:
                     setattr(comp, name, mine)
 
@@ -994,7 +1120,7 @@ class HybridRecommender(BaseRecommender):
         return history[history["customer_id"].isin(keep.union(sample))]
 
     def _learn_weights(self, comps, lines, products):
-        history, targets = holdout_last_order(lines)
+        history, targets, is_hidden = _holdout(lines)
         if len(targets) == 0 or history.empty:
             self.weights_ = {k: 1.0 for k in comps}
             self.cold_weights_ = dict(self.weights_)
@@ -1003,7 +1129,7 @@ class HybridRecommender(BaseRecommender):
             return
         if len(targets) > self.max_validation_customers:
             targets = targets.sample(self.max_validation_customers, random_state=self.random_state)
-        hidden = lines[~lines["basket_id"].isin(pd.unique(history["basket_id"]))]
+        hidden = lines[is_hidden]  # the hidden last orders (history is every other line)
         baskets = _completion_baskets(hidden, self.max_validation_customers, self.random_state)
         history = self._bounded_history(history, pd.Index(targets.index))
         fitted = {k: clone(c).fit(history, products) for k, c in comps.items()}
@@ -1102,7 +1228,7 @@ class HybridRecommender(BaseRecommender):
         return total, parts
 
     def _row_weights(self, history):
-        cache = self.__dict__.get("_cache") or {}
+        cache = self._cache or {}
         if cache.get("basket_request"):
             basket = getattr(self, "basket_weights_", self.weights_)  # models saved before basket blends
             return lambda k: np.full(history.shape[0], basket.get(k, 0.0))

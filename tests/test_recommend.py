@@ -157,6 +157,23 @@ def test_hybrid_scores_a_customer_alike_whoever_shares_the_chunk(sliced):
     assert mixed.loc[mixed["customer_id"].isin(cold), "reason"].str.startswith("like ").any()
 
 
+def test_chunks_scored_in_threads_give_the_serial_answer(sliced, monkeypatch):
+    """Scoring threads share the fitted models while each chunk's memo (neighbours, fired rules, blend
+    parts) is per thread: many small chunks scored on two threads must give the serial frame exactly."""
+    lines, products = sliced
+    model = HybridRecommender().fit(lines, products)
+    customers = lines["customer_id"].drop_duplicates().iloc[:300].tolist()
+    monkeypatch.setattr(HybridRecommender, "_chunk_cells", 7 * len(model.items_))  # ~43 chunks of 7
+    monkeypatch.setenv("CRM_SCORING_THREADS", "1")
+    serial = model.recommend(customers, n=10)
+    serial_lines = model.recommend_from_lines(lines, customer_ids=customers, n=10)
+    monkeypatch.setenv("CRM_SCORING_THREADS", "2")
+    threaded = model.recommend(customers, n=10)
+    pd.testing.assert_frame_equal(serial, threaded)
+    pd.testing.assert_frame_equal(serial_lines, model.recommend_from_lines(lines, customer_ids=customers, n=10))
+    assert "hybrid" in set(serial["method"]) and serial["reason"].str.len().gt(10).all()
+
+
 def test_bad_input(sliced):
     lines, _ = sliced
     with pytest.raises(RecommenderError, match="empty"):
