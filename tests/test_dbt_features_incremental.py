@@ -1,8 +1,9 @@
 """The customer feature layer is incremental by customer and equals a full refresh.
 
 int_customer_feature_state keeps, per snapshot and customer, the sums and dates that do not depend on where
-the cut-off lies; a night recomputes only the customers whose data changed or moved across a cut-off (and a
-whole snapshot when its category price medians or category ranks changed). These tests deliver batches on
+the cut-off lies; a night recomputes only the customers whose data changed or moved across a cut-off (and
+everyone when the feature categories changed). avg_price_index divides by category price medians that move
+every night, so the state keeps priced amounts per category and the index is computed over the state. These tests deliver batches on
 top of a built warehouse, build incrementally, and compare every customer mart with a full refresh; they
 also check, by the rows' transaction ids, that customers the batch did not touch were left alone.
 """
@@ -10,10 +11,11 @@ also check, by the rows' transaction ids, that customers the batch did not touch
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 from test_dbt_incremental import _deliver
 from test_dbt_project import _read, load_fixture
 
-from ml.dbt import dbt_build
+from ml.dbt import DbtBuildFailed, dbt_build, run_dbt
 from ml.warehouse import connect
 
 LOADED_3 = "2024-06-01 00:00:00+00"
@@ -42,10 +44,13 @@ def _state_versions(settings) -> dict[tuple[int, str], str]:
 
 
 def _assert_equals_full_refresh(settings, incremental: dict[str, pd.DataFrame]) -> None:
+    state_keys = set(_state_versions(settings))
     dbt_build(settings, horizon_days=60, full_refresh=True)
     full = _marts(settings)
     for table, rows in incremental.items():
         pd.testing.assert_frame_equal(rows, full[table], obj=table)
+    # the state itself has the same rows (an affected customer left without orders keeps none)
+    assert state_keys == set(_state_versions(settings))
 
 
 def test_a_night_recomputes_the_touched_customers_and_equals_a_full_refresh(warehouse):
@@ -118,3 +123,41 @@ def test_a_delivery_touching_one_customer_rewrites_only_that_customer(warehouse)
     incremental = _marts(warehouse)
     assert "c2" not in set(incremental["marts.customer_features"]["customer_id"])
     _assert_equals_full_refresh(warehouse, incremental)
+
+
+def test_a_moved_price_median_rewrites_no_other_buyer(warehouse):
+    """Cheap Kitchen lines of c2 move Kitchen's price median at as_of (10 -> 5): every Kitchen buyer's
+    avg_price_index moves, yet only the customers with new data are recomputed (the index is derived over the
+    state). Web events of a customer without orders leave no state row, as in a full refresh."""
+    load_fixture(warehouse)
+    dbt_build(warehouse, horizon_days=60)
+    before = _state_versions(warehouse)
+    index_before = _marts(warehouse)["marts.customer_features"].set_index("customer_id")["avg_price_index"]
+    assert index_before["c4"] == 1.0  # one Mug at 10.0, Kitchen's median
+
+    # dated before as_of (2024-04-01), so the cut-offs stay; Kitchen stays behind Home by spend (ranks stay)
+    _deliver(
+        warehouse,
+        orders=[("o43", "c2", "2024-03-30 09:00", "completed", 3, LOADED_3)],
+        lines=[("o43", k, "P3", 1, 1.0, 3, LOADED_3) for k in (1, 2, 3)],
+        web_events=[("c9", "s9", "view", "P1", "2024-03-30 10:00", 3, LOADED_3)],
+    )
+    dbt_build(warehouse, horizon_days=60)
+    after = _state_versions(warehouse)
+    rewritten = {customer for key, customer in ((k, k[1]) for k in after) if after[key] != before.get(key)}
+    # c2 (new order) and c1 (within the look-back of the last delivery, see above); not c4
+    assert rewritten == {"c1", "c2"}
+    assert "c9" not in {customer for _, customer in after}
+    incremental = _marts(warehouse)
+    assert incremental["marts.customer_features"].set_index("customer_id").loc["c4", "avg_price_index"] == 2.0
+    _assert_equals_full_refresh(warehouse, incremental)
+
+    # the point-in-time test recomputes the medians per cut-off on its own: a training row priced against
+    # other medians (e.g. ones that saw later lines) fails it
+    with connect(warehouse) as conn:
+        conn.execute("update marts.clv_training_set set avg_price_index = avg_price_index * 1.5")
+        conn.commit()
+    with pytest.raises(DbtBuildFailed) as caught:
+        run_dbt(warehouse, ["test", "--select", "assert_features_do_not_read_after_cutoff"],
+                vars={"horizon_days": 60, "training_snapshots": 1})
+    assert caught.value.result.failed_nodes[0].failures >= 1

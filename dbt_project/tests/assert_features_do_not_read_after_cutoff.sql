@@ -67,23 +67,63 @@ recomputed as (
         cutoffs.feature_cutoff_date
 ),
 
-cutoff_dates as (
-    select distinct feature_cutoff_date
-    from cutoffs
+as_of as (
+    select * from {{ ref('int_as_of') }}
+),
+
+-- The category medians at each cut-off, from the lines' own dates (not the model's snapshot buckets). One pass
+-- counting, per category and price, the lines on or before each cut-off (percentile_cont over the lines
+-- joined to every cut-off sorted ~3x all lines: most of this test at 1M), then the weighted median of those
+-- counts, interpolated between the two middle lines like percentile_cont(0.5).
+price_counts as (
+    select
+        purchase_lines.category,
+        purchase_lines.unit_price
+        {%- for k in range(0, var('training_snapshots') + 1) %},
+        count(*) filter (
+            where purchase_lines.order_date <= as_of.as_of_date - {{ k }} * as_of.horizon_days
+        ) as n_lines_{{ k }}
+        {%- endfor %}
+    from purchase_lines
+    cross join as_of
+    where purchase_lines.unit_price > 0
+    group by
+        purchase_lines.category,
+        purchase_lines.unit_price
+),
+
+cutoff_price_counts as (
+    {%- for k in range(0, var('training_snapshots') + 1) %}
+    select
+        (as_of.as_of_date - {{ k }} * as_of.horizon_days)::date as feature_cutoff_date,
+        price_counts.category,
+        price_counts.unit_price,
+        price_counts.n_lines_{{ k }} as n_lines
+    from price_counts
+    cross join as_of
+    where price_counts.n_lines_{{ k }} > 0
+    {{ 'union all' if not loop.last }}
+    {%- endfor %}
 ),
 
 category_prices as (
     select
-        cutoff_dates.feature_cutoff_date,
-        purchase_lines.category,
-        percentile_cont(0.5) within group (order by purchase_lines.unit_price) as median_unit_price
-    from cutoff_dates
-    inner join purchase_lines
-        on purchase_lines.order_date <= cutoff_dates.feature_cutoff_date
-    where purchase_lines.unit_price > 0
+        feature_cutoff_date,
+        category,
+        -- the lines at 0-based positions floor((n - 1) / 2) and ceil((n - 1) / 2) of the sorted prices
+        (min(unit_price) filter (where n_at_or_below > floor((n_total - 1) / 2.0))::double precision
+            + min(unit_price) filter (where n_at_or_below > ceil((n_total - 1) / 2.0))::double precision
+        ) / 2 as median_unit_price
+    from (
+        select
+            cutoff_price_counts.*,
+            sum(n_lines) over (partition by feature_cutoff_date, category order by unit_price) as n_at_or_below,
+            sum(n_lines) over (partition by feature_cutoff_date, category) as n_total
+        from cutoff_price_counts
+    ) as ranked
     group by
-        cutoff_dates.feature_cutoff_date,
-        purchase_lines.category
+        feature_cutoff_date,
+        category
 ),
 
 recomputed_lines as (

@@ -7,10 +7,12 @@
     incremental_strategy='delete+insert',
     on_schema_change='fail',
     pre_hook="set local work_mem = '256MB'",
+    post_hook="{% if is_incremental() %}delete from {{ this }} where not has_orders{% endif %}",
 ) }}
 -- depends_on: {{ ref('int_orders_validated') }}
--- One row per snapshot × customer with any order on or before the snapshot's cut-off (incremental runs also
--- keep a row, with n_orders 0, for a customer whose orders disappeared): the sums, counts, first and last
+-- One row per snapshot × customer with any order on or before the snapshot's cut-off (an incremental run
+-- writes a row with has_orders false for an affected customer without one, e.g. web events only, so that its
+-- old row is replaced; the post-hook then deletes those, as a full build never has them): the sums, counts, first and last
 -- dates that the features derive from, none of which depend on where the cut-off lies beyond the
 -- customer's last data, so a row stays valid while nothing of that customer moves into its window. The
 -- features that do depend on the cut-off itself (recency, tenure, age) are computed from these in
@@ -28,10 +30,15 @@
 --   * it has web events delivered;
 --   * one of its orders or web events lies between a snapshot's previous cut-off and its new one (as_of
 --     moved, forward or back);
---   * it bought in a category whose price median at some cut-off moved (its avg_price_index moves);
 -- and every customer when the feature categories (top 8 and their ranks: the category shares) changed.
--- The previous cut-offs, medians, ranks and delivery watermarks are those int_customer_feature_state_watermark
+-- The previous cut-offs, ranks and delivery watermarks are those int_customer_feature_state_watermark
 -- recorded after the last successful run.
+--
+-- avg_price_index is not kept here: it divides by the category price medians, which move at some cut-off
+-- every night, and keeping it made a night recompute every buyer of such a category (most customers at 1M).
+-- The state keeps each customer's priced amount and lines per category instead (price_categories,
+-- category_priced_amounts, category_priced_lines: aligned arrays); int_customer_features_snapshots divides
+-- them by the current medians, set-based over the state.
 {%- set previous = none %}
 {%- if is_incremental() %}
     {%- set previous = adapter.get_relation(this.database, this.schema, 'int_customer_feature_state_watermark') %}
@@ -58,11 +65,14 @@ previous_cutoffs as (
     from previous
 ),
 
--- the dates each snapshot's cut-off moved across since the last run: (least, greatest]
-moved_windows as (
-    select
-        least(previous_cutoffs.feature_cutoff_date, cutoffs.feature_cutoff_date) as window_start,
-        greatest(previous_cutoffs.feature_cutoff_date, cutoffs.feature_cutoff_date) as window_end
+-- the dates each snapshot's cut-off moved across since the last run: (least, greatest], as a set of dates so
+-- that the filters below are a hashed lookup per row (a range test against a CTE is a nested scan per row)
+moved_dates as (
+    select generate_series(
+        least(previous_cutoffs.feature_cutoff_date, cutoffs.feature_cutoff_date) + 1,
+        greatest(previous_cutoffs.feature_cutoff_date, cutoffs.feature_cutoff_date),
+        interval '1 day'
+    )::date as moved_date
     from cutoffs
     inner join previous_cutoffs
         on cutoffs.snapshot = previous_cutoffs.snapshot
@@ -100,26 +110,6 @@ recompute as (
     ) as everyone
 ),
 
--- a category whose price median moved at some cut-off: its buyers' avg_price_index moves
-current_medians as (
-    select snapshot, category, median_unit_price
-    from {{ ref('int_category_price_medians') }}
-),
-
-changed_categories as (
-    (
-        select * from current_medians
-        except
-        select snapshot, category, median_unit_price from previous where category is not null
-    )
-    union
-    (
-        select snapshot, category, median_unit_price from previous where category is not null
-        except
-        select * from current_medians
-    )
-),
-
 affected_customers as (
     select orders.customer_id
     from {{ ref('fct_orders') }} as orders
@@ -127,11 +117,7 @@ affected_customers as (
     where orders.customer_id is not null
       and (
           orders._source_loaded_at > watermarks.orders_loaded_at
-          or exists (
-              select 1 from moved_windows
-              where orders.order_date > moved_windows.window_start
-                and orders.order_date <= moved_windows.window_end
-          )
+          or orders.order_date in (select moved_date from moved_dates)
       )
 
     union
@@ -145,27 +131,13 @@ affected_customers as (
 
     union
 
-    select order_lines.customer_id
-    from {{ ref('fct_order_lines') }} as order_lines
-    where order_lines.customer_id is not null
-      and order_lines.quantity > 0
-      and not order_lines.is_cancelled
-      and order_lines.unit_price > 0
-      and order_lines.category in (select category from changed_categories)
-
-    union
-
     select web_events.customer_id
     from {{ ref('stg_crm__web_events') }} as web_events
     cross join watermarks
     where web_events.customer_id is not null
       and (
           web_events._loaded_at > watermarks.web_loaded_at
-          or exists (
-              select 1 from moved_windows
-              where web_events.event_date > moved_windows.window_start
-                and web_events.event_date <= moved_windows.window_end
-          )
+          or web_events.event_date in (select moved_date from moved_dates)
       )
 
     -- everyone, when the feature categories changed (kept inside this set, so that the sources below are
@@ -230,10 +202,6 @@ web_events as (
     where web_events.customer_id is not null
       and web_events.event_date <= as_of.as_of_date
       {{ affected_filter | replace('COLUMN', 'web_events.customer_id') }}
-),
-
-category_prices as (
-    select * from {{ ref('int_category_price_medians') }}
 ),
 
 feature_categories as (
@@ -378,21 +346,20 @@ line_summary as (
         {%- endfor %}
         sum(customer_categories.n_lines) as n_purchase_lines,
         sum(customer_categories.n_discount_lines) as n_discount_lines,
-        -- the mean over lines of unit_price / category median is, per category, the category's summed
-        -- prices over its median; in numeric, not double: a sum of doubles depends on the order rows arrive
-        -- in (hash aggregates, parallel workers), and a rebuild must give the same bits
-        sum(customer_categories.priced_amount / nullif(category_prices.median_unit_price::numeric, 0))
-            / nullif(sum(customer_categories.n_priced_lines) filter (
-                where category_prices.median_unit_price <> 0 and customer_categories.priced_amount is not null
-            ), 0) as avg_price_index,
+        -- avg_price_index (the mean over priced lines of unit_price / the category's median at the cut-off) is
+        -- per category the summed prices over the median: keep the sums per category, the medians move nightly
+        -- (unordered: int_customer_features_snapshots sums the quotients in numeric, exact in any order)
+        array_agg(customer_categories.category) filter (where customer_categories.n_priced_lines > 0)
+            as price_categories,
+        array_agg(customer_categories.priced_amount) filter (where customer_categories.n_priced_lines > 0)
+            as category_priced_amounts,
+        array_agg(customer_categories.n_priced_lines) filter (where customer_categories.n_priced_lines > 0)
+            as category_priced_lines,
         sum(customer_categories.line_revenue) as purchase_revenue,
         sum(customer_categories.q4_line_revenue) as q4_purchase_revenue,
         sum(customer_categories.quantity)::numeric / nullif(sum(customer_categories.n_lines), 0)::numeric
             as avg_units_per_line
     from customer_categories
-    left join category_prices
-        on customer_categories.snapshot = category_prices.snapshot
-        and customer_categories.category = category_prices.category
     left join feature_categories
         on customer_categories.category = feature_categories.category
     group by
@@ -429,7 +396,7 @@ keys as (
     from order_summary
     {%- if incremental %}
 
-    -- an affected customer left with no order still replaces its old rows (with n_orders 0)
+    -- an affected customer with no order (left) still replaces its old rows (has_orders false, then deleted)
     union
 
     select snapshots.snapshot, affected_customers.customer_id
@@ -442,6 +409,7 @@ final as (
     select
         keys.snapshot::integer as snapshot,
         keys.customer_id::text as customer_id,
+        (order_summary.customer_id is not null) as has_orders,
         order_summary.first_purchase_date::date as first_purchase_date,
         order_summary.last_purchase_date::date as last_purchase_date,
         coalesce(order_summary.n_orders, 0)::bigint as n_orders,
@@ -458,7 +426,9 @@ final as (
         {%- endfor %}
         line_summary.n_purchase_lines::bigint as n_purchase_lines,
         line_summary.n_discount_lines::bigint as n_discount_lines,
-        line_summary.avg_price_index::numeric as avg_price_index,
+        line_summary.price_categories::text[] as price_categories,
+        line_summary.category_priced_amounts::numeric[] as category_priced_amounts,
+        line_summary.category_priced_lines::bigint[] as category_priced_lines,
         line_summary.purchase_revenue::numeric as purchase_revenue,
         line_summary.q4_purchase_revenue::numeric as q4_purchase_revenue,
         line_summary.avg_units_per_line::numeric as avg_units_per_line,

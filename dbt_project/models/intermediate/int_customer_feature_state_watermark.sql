@@ -1,16 +1,13 @@
 -- depends_on: {{ ref('int_customer_feature_state') }}
--- One row per snapshot × category: what int_customer_feature_state was last computed against (the cut-off,
--- the category's price median and feature rank) and the newest deliveries it had seen. Built after it, so a
+-- One row per snapshot × feature category: what int_customer_feature_state was last computed against (the
+-- cut-off and the category's feature rank) and the newest deliveries it had seen. (The price medians are not
+-- here: the state no longer depends on them.) Built after it, so a
 -- failed run leaves the previous marks and the next run re-processes from them. int_customer_feature_state
 -- reads it by name (a ref would be a cycle).
 with
 
 cutoffs as (
     select * from {{ ref('int_feature_cutoffs') }}
-),
-
-medians as (
-    select * from {{ ref('int_category_price_medians') }}
 ),
 
 feature_categories as (
@@ -27,15 +24,12 @@ deliveries as (
 select
     cutoffs.snapshot::integer as snapshot,
     cutoffs.feature_cutoff_date::date as feature_cutoff_date,
-    medians.category::text as category,
-    medians.median_unit_price::double precision as median_unit_price,
+    feature_categories.category::text as category,
     feature_categories.rank::integer as category_rank,
     deliveries.orders_loaded_at::timestamptz as orders_loaded_at,
     deliveries.validated_loaded_at::timestamptz as validated_loaded_at,
     deliveries.web_loaded_at::timestamptz as web_loaded_at
 from cutoffs
 cross join deliveries
-left join medians
-    on cutoffs.snapshot = medians.snapshot
 left join feature_categories
-    on medians.category = feature_categories.category
+    on true

@@ -3,7 +3,9 @@
 -- the training cut-offs as_of - k * horizon_days. Every feature mart reads this one model, so training and
 -- scoring features are the same computation.
 -- The sums and counts come from int_customer_feature_state (incremental by customer); what depends on the
--- cut-off itself (recency, tenure, age) is computed here, for every customer, from its dates.
+-- cut-off itself (recency, tenure, age) is computed here, for every customer, from its dates; so is
+-- avg_price_index, from the state's priced amounts per category and the category medians at the cut-off (the
+-- medians move every night: kept out of the state, they would make a night recompute every buyer).
 with
 
 cutoffs as (
@@ -13,6 +15,18 @@ cutoffs as (
 state as (
     select * from {{ ref('int_customer_feature_state') }}
     where n_orders > 0
+),
+
+-- per snapshot, the categories and the reciprocals of their medians as two aligned arrays: a lookup per state
+-- row, no join. A numeric multiplication per category instead of a division: 0.8 of 2.5 CPU s at 100k.
+medians as (
+    select
+        snapshot,
+        array_agg(category) as categories,
+        array_agg(round(1 / nullif(median_unit_price::numeric, 0), 20)) as inverse_medians
+    from {{ ref('int_category_price_medians') }}
+    where category is not null
+    group by snapshot
 ),
 
 customers as (
@@ -56,7 +70,21 @@ features as (
         greatest(state.net_revenue, 0) <> state.net_revenue as has_excess_returns,
         -- behaviour: what separates bargain hunters, premium buyers and seasonal gift buyers (RFM does not)
         (state.n_discount_lines::double precision / nullif(state.n_purchase_lines, 0)) as discount_line_share,
-        state.avg_price_index::double precision as avg_price_index,
+        -- the mean over priced lines of unit_price / category median = per category the summed prices over its
+        -- median; in numeric, not double, so that the sum is exact whatever order the categories come in
+        (
+            select
+                sum(prices.amount * prices.inverse_median)
+                    / nullif(sum(prices.n_lines) filter (where prices.inverse_median is not null), 0)
+            from (
+                select
+                    priced.amount,
+                    priced.n_lines,
+                    medians.inverse_medians[array_position(medians.categories, priced.category)] as inverse_median
+                from unnest(state.price_categories, state.category_priced_amounts, state.category_priced_lines)
+                    as priced (category, amount, n_lines)
+            ) as prices
+        )::double precision as avg_price_index,
         -- purchase lines' line_revenue is ≥ 0 (cancelled and wholly returned orders count 0), so this is in [0, 1]
         (coalesce(state.q4_purchase_revenue, 0)::double precision
             / nullif(state.purchase_revenue, 0)) as q4_spend_share,
@@ -66,6 +94,8 @@ features as (
     from state
     inner join cutoffs
         on state.snapshot = cutoffs.snapshot
+    left join medians
+        on state.snapshot = medians.snapshot
     left join customers
         on state.customer_id = customers.customer_id
 )
