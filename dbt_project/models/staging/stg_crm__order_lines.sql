@@ -1,9 +1,12 @@
+{#- The key's index is unique: it enforces at every write what a unique_combination test re-checked by sorting
+    every line on every build and night (15.7 s of a 200k night's wall), and serves the night's delete of the
+    touched keys. -#}
 {{ config(
     materialized='incremental',
     unique_key=['order_id', 'line_no'],
     incremental_strategy='delete+insert',
     on_schema_change='fail',
-    indexes=[{'columns': ['_loaded_at']}, {'columns': ['order_id', 'line_no']}],
+    indexes=[{'columns': ['_loaded_at']}, {'columns': ['order_id', 'line_no'], 'unique': True}],
 ) }}
 -- One row per order line (order_id, line_no): the latest delivery. Negative quantities are returns.
 with
