@@ -25,7 +25,8 @@ PIPELINE_STEPS = [
     pipeline.NIGHTLY_FULL, pipeline.NIGHTLY_INCREMENTAL,
 ]
 ROWS_EXPECTED = [pipeline.LOAD, pipeline.DBT_FULL, pipeline.PUBLISH, pipeline.NEW_DAY, pipeline.RESCORE,
-                 reference.FLOOR_COPY_IN, reference.FLOOR_COPY_OUT, reference.FLOOR_PUBLISH]
+                 reference.FLOOR_COPY_IN, reference.FLOOR_COPY_OUT, reference.PUBLISH_ALONE,
+                 reference.FLOOR_PUBLISH]
 
 
 def test_bench_runs_every_step_at_small_scale(tmp_path):
