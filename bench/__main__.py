@@ -171,7 +171,9 @@ def run(args: argparse.Namespace) -> pipeline.Bench:
             bench.server_pid = pipeline.server_pid(settings)
             pipeline.log(f"warehouse {settings.warehouse.redacted()} in {settings.state_dir}")
             if "pipeline" in groups:
-                params, _report = pipeline.generate_and_load(bench, settings, args.customers, args.days, args.seed)
+                with pipeline.loaded_earlier(settings, hours=24):  # the incremental night's history
+                    params, _report = pipeline.generate_and_load(bench, settings, args.customers, args.days,
+                                                                 args.seed)
                 pipeline.dbt_full(bench, settings)
                 trained = pipeline.train_families(bench, settings, keep_frames="floors" in groups,
                                                   keep_models="incremental" in groups)
