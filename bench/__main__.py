@@ -171,9 +171,11 @@ def run(args: argparse.Namespace) -> pipeline.Bench:
             bench.server_pid = pipeline.server_pid(settings)
             pipeline.log(f"warehouse {settings.warehouse.redacted()} in {settings.state_dir}")
             if "pipeline" in groups:
-                with pipeline.loaded_earlier(settings, hours=24):  # the incremental night's history
+                with pipeline.loaded_earlier(settings, hours=48):  # see pipeline.previous_night
                     params, _report = pipeline.generate_and_load(bench, settings, args.customers, args.days,
                                                                  args.seed)
+                if "incremental" in groups:
+                    pipeline.previous_night(bench, settings, params.resolved_end_date)
                 pipeline.dbt_full(bench, settings)
                 trained = pipeline.train_families(bench, settings, keep_frames="floors" in groups,
                                                   keep_models="incremental" in groups)
