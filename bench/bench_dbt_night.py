@@ -103,7 +103,7 @@ def main() -> None:
             end = conn.execute("select latest_valid_order_date from staging.int_as_of").fetchone()[0]
         started = time.perf_counter()
         loaded = one_new_day(settings, end)
-        loaded["raw.web_events"] = replay_web_events(settings, end)
+        loaded["raw.web_events"] = replay_web_events(settings)
         print(f"\nloaded one new day ({loaded}) in {time.perf_counter() - started:.1f} s")
         incremental = _timed_build(settings, f"dbt build (incremental), {night}")
     if not args.skip_full:

@@ -581,25 +581,20 @@ def one_new_day(settings: Settings, end_date: dt.date) -> dict[str, int]:
     return report.rows_loaded
 
 
-def replay_web_events(settings: Settings, day) -> int:
-    """The web events of ``day`` again one day later, in the new day's batch: a real night brings browsing
-    too, and without it the web events' watermark would stay on the (huge) history batch."""
+def replay_web_events(settings: Settings) -> int:
+    """The newest day of browsing again one day later, in the newest batch: a real night brings browsing
+    too. Each call moves one day on (the first night replays the history's last day, the next one that
+    replay), so every night's events are new keys, as the orders of :func:`one_new_day` are. Without it
+    the web events' watermark stays on the history batch, and every night re-stages all web events and
+    recomputes the features of every customer who ever browsed: a catch-up, not a night."""
     with connect(settings) as conn:
         cur = conn.execute(
+            "with newest as (select max(event_at)::date as day from raw.web_events) "
             "insert into raw.web_events (customer_id, session_id, event_type, product_id, event_at, _batch_id) "
             "select customer_id, 'N' || session_id, event_type, product_id, event_at + interval '1 day', "
             "(select max(batch_id) from audit.load_batches) "
-            "from raw.web_events where event_at >= %s::date and event_at < %s::date + 1", (day, day))
-        if cur.rowcount == 0:  # a replayed day has no browsing of its own: take the latest day that has
-            last = conn.execute("select max(event_at)::date from raw.web_events where event_at <= %s::date",
-                                (day,)).fetchone()[0]
-            cur = conn.execute(
-                "insert into raw.web_events (customer_id, session_id, event_type, product_id, event_at, _batch_id) "
-                "select customer_id, 'N' || session_id, event_type, product_id, "
-                "event_at + (%s::date + 1 - %s::date) * interval '1 day', "
-                "(select max(batch_id) from audit.load_batches) "
-                "from raw.web_events where event_at >= %s::date and event_at < %s::date + 1",
-                (day, last, last, last))
+            "from raw.web_events cross join newest "
+            "where event_at >= newest.day and event_at < newest.day + 1")
         conn.commit()
         return cur.rowcount
 
@@ -643,6 +638,7 @@ def previous_night(bench: Bench, settings: Settings, end_date: dt.date) -> None:
     started = time.perf_counter()
     with loaded_earlier(settings, hours=24):
         one_new_day(settings, end_date)
+        replay_web_events(settings)
     bench.night_started += time.perf_counter() - started
 
 
@@ -671,7 +667,7 @@ def incremental_night(bench: Bench, settings: Settings, end_date: dt.date, train
     with bench.step(NEW_DAY) as step:
         loaded = one_new_day(settings, end_date)
         # a real night brings browsing too (the generator's continuation has orders only)
-        loaded["raw.web_events"] = replay_web_events(settings, end_date)
+        loaded["raw.web_events"] = replay_web_events(settings)
         step.rows = loaded.get("raw.order_lines", 0)
         step.notes.update(rows_by_table=loaded)
     with bench.step(DBT_INCREMENTAL, reference=DBT_FULL) as step:
