@@ -29,6 +29,7 @@ INCREMENTAL_KEYS = {
     "marts.customer_features": ["customer_id"],
     "marts.clv_training_set": ["customer_id", "snapshot"],
     "marts.data_quality_summary": ["entity", "reason", "action"],
+    "marts.basket_lines": ["basket_id", "product_id"],
 }
 
 
@@ -69,6 +70,7 @@ def test_incremental_build_equals_full_refresh(warehouse):
     ])
     dbt_build(warehouse, horizon_days=60)
     before = _snapshot(warehouse, "marts.fct_order_lines")
+    assert "o12" in set(_read(warehouse, "marts.basket_lines")["basket_id"])
 
     new_customer = pd.DataFrame({
         "customer_id": ["c6", "c7"],
@@ -88,6 +90,7 @@ def test_incremental_build_equals_full_refresh(warehouse):
             ("o20", 1, "P3", 3, 5.0, 3, LOADED_3),
             ("o1", 3, "P3", 1, 5.0, 3, LOADED_3),  # late-arriving line of a January order
             ("o2", 1, "P3", 5, 5.0, 3, LOADED_3),  # corrected quantity of an old line
+            ("o12", 1, "P2", 1, 0.0, 3, LOADED_3),  # o12's only line was free after all: its basket must go
         ],
         # the lamp moves to another category: every old line of P2 must follow
         products=pd.DataFrame({"product_id": ["P2"], "product_name": ["Lamp"], "category": ["Lighting"],
@@ -115,6 +118,8 @@ def test_incremental_build_equals_full_refresh(warehouse):
     o2 = inc_orders.set_index("order_id").loc["o2"]
     assert o2["gross_revenue"] == 28  # 5 spoons + postage
     assert len(inc_lines) == len(before) + 1 + 1 - 1  # o20, o1's late line, minus o9's line
+    baskets = set(inc_all["marts.basket_lines"]["basket_id"])
+    assert "o20" in baskets and "o12" not in baskets and "o9" not in baskets
 
     # rebuild just the two facts from scratch over the same (already current) upstream tables
     dbt_build(warehouse, horizon_days=60, full_refresh=True, select=["fct_orders", "fct_order_lines"])

@@ -31,7 +31,7 @@ source as {{ source_cte_materialization() }} (
         "coalesce(lower(trim(event_type)), '')",
         "coalesce(nullif(trim(product_id), ''), '')",
         "event_at",
-    ]) }}
+    ], range_column='event_at') }}
     {%- endif %}
 ),
 
