@@ -1,9 +1,11 @@
 {#- Incremental like fct_order_lines: the baskets of every order a newer delivery touched are rebuilt whole.
-    The pre-hook deletes them first, so an order rewritten into no products at all (every line cancelled,
-    say) loses its baskets too, which delete+insert alone would keep (it only replaces the keys it inserts).
-    A night also adds the orders dated after the newest basket kept, up to as_of: as_of moving forward past
-    lines loaded earlier. The post-hooks remove orders a later delivery disqualified, and baskets after
-    as_of (as_of moved back). A full rebuild regrouped every line (~10M at 1M customers) every night.
+    The pre-hooks delete them first, so an order rewritten into no products at all (every line cancelled,
+    say) loses its baskets too, which delete+insert alone would keep (it only replaces the keys it inserts),
+    and the baskets of orders a delivery since disqualified (fct_order_lines no longer has them); both read
+    the watermark before tonight's rows move it. A night also adds the orders dated after the newest basket
+    kept, up to as_of: as_of moving forward past lines loaded earlier. The post-hook removes baskets after
+    as_of (as_of moved back). A full rebuild regrouped every line (~10M at 1M customers) every night; the
+    index on _source_loaded_at makes each watermark a look-up instead of a scan.
     (basket_id, product_id) is unique by a unique index: built once on a full build, then checked on every
     insert, without a separate test query that re-sorted every row; its leading basket_id serves the
     deletes. -#}
@@ -12,12 +14,12 @@
     unique_key='basket_id',
     incremental_strategy='delete+insert',
     on_schema_change='fail',
-    indexes=[{'columns': ['basket_id', 'product_id'], 'unique': True}],
-    pre_hook="{% if is_incremental() %}delete from {{ this }} where basket_id in (select order_id from {{ ref('fct_order_lines') }} where _source_loaded_at > {{ delivery_watermark('_source_loaded_at') }}){% endif %}",
-    post_hook=[
-        "{% if is_incremental() %}delete from {{ this }} where basket_id in (select order_id from {{ ref('int_orders_validated') }} where exclusion_reason is not null){% endif %}",
-        "{% if is_incremental() %}delete from {{ this }} where ordered_at >= (select as_of_date + 1 from {{ ref('int_as_of') }}){% endif %}",
+    indexes=[{'columns': ['basket_id', 'product_id'], 'unique': True}, {'columns': ['_source_loaded_at']}],
+    pre_hook=[
+        "{% if is_incremental() %}delete from {{ this }} where basket_id in (select order_id from {{ ref('fct_order_lines') }} where _source_loaded_at > {{ delivery_watermark('_source_loaded_at') }}){% endif %}",
+        "{% if is_incremental() %}delete from {{ this }} where basket_id in (select order_id from {{ ref('int_orders_validated') }} where exclusion_reason is not null and _source_loaded_at > {{ delivery_watermark('_source_loaded_at') }}){% endif %}",
     ],
+    post_hook="{% if is_incremental() %}delete from {{ this }} where ordered_at >= (select as_of_date + 1 from {{ ref('int_as_of') }}){% endif %}",
 ) }}
 -- depends_on: {{ ref('int_orders_validated') }}
 -- One row per basket (order) × distinct product actually bought up to as_of: no cancellations, returns, free

@@ -14,6 +14,7 @@
     materialized='incremental',
     unique_key=event_key,
     incremental_strategy='delete+insert',
+    delete_range_column='event_at',
     on_schema_change='fail',
     indexes=[{'columns': ['_loaded_at']}],
 ) }}
