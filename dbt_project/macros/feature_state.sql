@@ -5,6 +5,15 @@
     one core (PostgreSQL does not parallelise a query over CTEs read twice) and spilled to disk more. See
     int_customer_feature_state_p0.sql for what the state holds and when a customer is recomputed. -#}
 {% macro customer_feature_state(part, parts) -%}
+{#- one config for every part (set here, so the part models cannot drift apart) -#}
+{{ config(
+    materialized='incremental',
+    unique_key=['snapshot', 'customer_id'],
+    incremental_strategy='delete+insert',
+    on_schema_change='fail',
+    pre_hook="set local work_mem = '128MB'",
+    post_hook="{% if is_incremental() %}delete from {{ this }} where not has_orders{% endif %}",
+) }}
 {%- set previous = none %}
 {%- if is_incremental() %}
     {%- set previous = adapter.get_relation(this.database, this.schema, 'int_customer_feature_state_watermark') %}

@@ -3,15 +3,7 @@
     the customers the new data touched (see affected_customers) and replaces their rows (delete+insert on
     snapshot × customer). work_mem: the two parts run at once, each with half of the 256 MB the whole state
     had (its hash aggregates spill to disk in batches beyond that; at 256 MB a part, the 200k build's server
-    peaked at 4.8 GB against 3.0 GB). -#}
-{{ config(
-    materialized='incremental',
-    unique_key=['snapshot', 'customer_id'],
-    incremental_strategy='delete+insert',
-    on_schema_change='fail',
-    pre_hook="set local work_mem = '128MB'",
-    post_hook="{% if is_incremental() %}delete from {{ this }} where not has_orders{% endif %}",
-) }}
+    peaked at 4.8 GB against 3.0 GB). The config (incremental, delete+insert, work_mem) is set in the macro. -#}
 -- depends_on: {{ ref('int_orders_validated') }}
 -- One row per snapshot × customer with any order on or before the snapshot's cut-off (an incremental run
 -- writes a row with has_orders false for an affected customer without one, e.g. web events only, so that its
