@@ -225,6 +225,8 @@ def _validate_frame(frame: pd.DataFrame, key_columns: list[str], allow_empty: bo
 def pg_type(arrow_type: pa.DataType, column: str) -> str:
     """The PostgreSQL column type publish gives an Arrow type (as pandas converts it)."""
     t = arrow_type
+    if pa.types.is_dictionary(t):  # a pandas Categorical: stored as its values
+        return pg_type(t.value_type, column)
     if pa.types.is_boolean(t):
         return "boolean"
     if pa.types.is_int8(t) or pa.types.is_int16(t) or pa.types.is_uint8(t):

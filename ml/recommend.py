@@ -995,7 +995,12 @@ def _holdout(lines: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series, np.ndarray]:
     cust_codes, _ = pd.factorize(lines["customer_id"])
     prod_codes, products = pd.factorize(lines["product_id"])
     pair = cust_codes.astype(np.int64) * max(len(products), 1) + prod_codes
-    new = is_hidden & ~np.isin(pair, pair[~is_hidden])  # hidden lines of items the customer had not bought
+    # hidden lines of items the customer had not bought: hash the few hidden pairs and probe the rest once
+    # (np.isin sorted all 10M+ pairs at 1M customers: 8 of the fit's 60 s)
+    earlier = pair[~is_hidden]
+    rebought = np.unique(earlier[pd.Series(earlier).isin(pair[is_hidden]).to_numpy()])
+    new = is_hidden.copy()
+    new[is_hidden] = ~np.isin(pair[is_hidden], rebought)
     # Python strings only for the new items' lines (not a 10M+ object copy of the columns)
     codes, customers = pd.factorize(lines["customer_id"][new], sort=True)
     order = np.argsort(codes, kind="stable")

@@ -33,6 +33,7 @@ import datetime as dt
 import logging
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -310,9 +311,14 @@ def _metrics_chart(metrics: pd.DataFrame):
 # ---------------------------------------------------------------------------------------------------------
 def _recommendation_table(recs: pd.DataFrame, serving, serving_name: str) -> pd.DataFrame:
     """A recommender's ranked picks as the published ``product_recommendations`` columns."""
+    # names looked up once per distinct product, not once per row
+    product = recs["product_id"].astype("category")
+    names = pd.Series(serving.names_, index=serving.items_).reindex(product.cat.categories)
+    name_codes, distinct_names = pd.factorize(names)  # a missing name is code -1, NaN in the Categorical
     recs = recs.assign(
-        product_name=pd.Series(serving.names_, index=serving.items_).reindex(recs["product_id"]).to_numpy(),
-        recommender=serving_name,
+        product_id=product,
+        product_name=pd.Categorical.from_codes(name_codes[product.cat.codes.to_numpy()], distinct_names),
+        recommender=pd.Categorical.from_codes(np.zeros(len(recs), dtype=np.int8), [serving_name]),
     )[RECOMMENDATION_COLUMNS]
     recs["rank"] = recs["rank"].astype(np.int64)
     return recs
@@ -359,7 +365,10 @@ def train_baskets(
     rules_table = rules_for_publish(rules, products)
     timings["mine_rules"] = time.perf_counter() - started
 
-    customer_lines = lines[lines["customer_id"].notna()]
+    known = lines["customer_id"].notna()
+    # no copy of 10M+ lines when every basket has its customer (the generator's and most nights' case)
+    customer_lines = lines if known.all() else lines[known]
+    del known
     if customer_lines.empty:
         raise RecommenderError("no basket line has a customer: recommendations need known customers")
     candidates = recommenders(min_support=min_support, min_confidence=min_confidence, min_lift=min_lift,
@@ -390,6 +399,7 @@ def train_baskets(
             **{f"n_rules_{level}": len(frame) for level, frame in rules.items()},
             "mine_seconds": timings["mine_rules"],
         })
+        del lines  # anonymous baskets served the rules; the recommenders need the customers' lines only
         with tempfile.TemporaryDirectory() as tmp:
             for level in rules:
                 path = Path(tmp) / f"{level}_rules.csv"
@@ -430,13 +440,13 @@ def train_baskets(
                                example_customer=example_customer, example_basket=example_basket)
         version = str(info.registered_model_version)
 
-        def rescore(uri: str) -> float:
+        def rescore(uri: str, lines: pd.DataFrame = customer_lines) -> float:
             recipe = fitted_recommender(mlflow.pyfunc.load_model(uri))
             if _same_recipe(recipe, candidates[challenger]):
                 # the protocol is deterministic: the same recipe on the same lines scores what it just scored
                 # (saves refitting the champion at 1M customers on most nights)
                 return challenger_score
-            return float(evaluate_recommender(clone(recipe), customer_lines, k=10, products=products,
+            return float(evaluate_recommender(clone(recipe), lines, k=10, products=products,
                                               max_customers=EVAL_MAX_CUSTOMERS)[PROMOTION_METRIC])
 
         decision = registry.decide_promotion(
@@ -458,6 +468,8 @@ def train_baskets(
         recs = recommendation_frame(settings, serving, serving_name, customer_lines, as_of=as_of, run_id=run_id,
                                     n=n_recommendations)
         timings["recommend_all"] = time.perf_counter() - started
+        # the lines and the models are not needed for the publish: let them go first (GBs at 1M customers)
+        del customer_lines, rescore, fitted, serving
         mlflow.log_metrics({"n_recommendations": len(recs), "n_rules_published": len(rules_table),
                             **{f"{k}_seconds": v for k, v in timings.items()}})
 
@@ -697,10 +709,15 @@ def recommendation_frame(settings: Settings, serving, serving_name: str, lines: 
     """Every customer of ``lines`` (all of ``marts.basket_lines`` up to ``as_of``) scored by ``serving`` as a
     scoring night would, as the published frame with each customer's input fingerprint: what a training
     night publishes (and the benchmark's full night)."""
-    with connect(settings) as conn:
-        fingerprints = copy_out(conn, _input_fingerprints(as_of)).to_pandas()
-    return _scored_table(serving.recommend_from_lines(lines, n=n), serving, serving_name, fingerprints, as_of,
-                         run_id)
+    def read_fingerprints() -> pd.DataFrame:
+        with connect(settings) as conn:
+            return copy_out(conn, _input_fingerprints(as_of)).to_pandas()
+
+    # the server aggregates the fingerprints (~8 s over 10M lines at 1M customers) while this process scores
+    with ThreadPoolExecutor(1, thread_name_prefix="crm-fingerprints") as pool:
+        fingerprints = pool.submit(read_fingerprints)
+        picks = serving.recommend_from_lines(lines, n=n)
+        return _scored_table(picks, serving, serving_name, fingerprints.result(), as_of, run_id)
 
 
 def _read_lines(conn, query: sql.Composable) -> pd.DataFrame:
@@ -730,10 +747,13 @@ def _scored_table(picks: pd.DataFrame, serving, serving_name: str, fingerprints:
     else:
         recs = pd.DataFrame({c: pd.Series(dtype="str") for c in RECOMMENDATION_COLUMNS})
         recs["input_fingerprint"] = pd.Series(dtype="int64")
-    recs = recs.astype({"customer_id": "str", "rank": "int64", "product_id": "str", "product_name": "str",
-                        "score": "float64", "method": "str", "reason": "str", "recommender": "str"})
-    recs.insert(len(RECOMMENDATION_COLUMNS), "scored_as_of",
-                pd.array([as_of] * len(recs), dtype=pd.ArrowDtype(pa.date32())))
-    recs.insert(len(RECOMMENDATION_COLUMNS) + 1, "scored_run_id", pd.Series([run_id] * len(recs), dtype="str",
-                                                                             index=recs.index))
-    return recs.reset_index(drop=True)
+    # Columns with few distinct values are categorical (published as text all the same): as one string per
+    # row they were half of the frame, ~1 GB of the baskets task's peak at 1M customers.
+    recs = recs.astype({"customer_id": "str", "rank": "int64", "product_id": "category", "product_name": "category",
+                        "score": "float64", "method": "category", "reason": "str", "recommender": "category"})
+    recs = recs.reset_index(drop=True)
+    recs.insert(len(RECOMMENDATION_COLUMNS), "scored_as_of", pd.arrays.ArrowExtensionArray(
+        pa.array(np.full(len(recs), np.datetime64(as_of, "D")), type=pa.date32())))
+    recs.insert(len(RECOMMENDATION_COLUMNS) + 1, "scored_run_id",
+                pd.Categorical.from_codes(np.zeros(len(recs), dtype=np.int8), categories=pd.Index([run_id], dtype="str")))
+    return recs

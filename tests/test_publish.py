@@ -75,6 +75,27 @@ def test_publish_writes_table_and_history_with_metadata(warehouse):
     assert len(history) == 50
 
 
+def test_categorical_columns_are_published_as_their_text_and_match_a_plain_frame(warehouse):
+    """A pandas Categorical (how the recommendations frame keeps its repeated names small) is stored as the
+    text of its values, missing values as NULL: the same table, checksum included, as the plain-text frame."""
+    plain = _segments(40)
+    plain.loc[3, "segment_name"] = None
+    categorical = plain.astype({"segment_name": "category"})
+    _publish(warehouse, plain, as_of=TODAY - dt.timedelta(days=1))
+    _publish(warehouse, categorical)
+    with connect(warehouse) as conn:
+        types = dict(conn.execute("select column_name, data_type from information_schema.columns "
+                                  "where table_schema = 'ml' and table_name = 'customer_segments'").fetchall())
+        assert types["segment_name"] == "text"
+        table = read_table(conn, "ml.customer_segments").sort_values("customer_id").reset_index(drop=True)
+        without = ("as_of", "model_version", "mlflow_run_id", "scored_at")
+        assert (content_checksum(conn, "customer_segments_history", as_of=TODAY, exclude=without)
+                == content_checksum(conn, "customer_segments_history", as_of=TODAY - dt.timedelta(days=1),
+                                    exclude=without))
+    assert table["segment_name"].isna().tolist() == plain["segment_name"].isna().tolist()
+    assert table["segment_name"].dropna().tolist() == plain["segment_name"].dropna().tolist()
+
+
 def test_same_as_of_twice_gives_identical_table_and_history_count(warehouse):
     frame = _segments(200, seed=1)
     _publish(warehouse, frame, run_id="first")

@@ -124,8 +124,11 @@ def test_champion_is_served_over_http_by_mlflow_models_serve(champion, tmp_path)
                 assert server.poll() is None, f"mlflow models serve exited: {log_file.read_text()[-2000:]}"
                 assert time.monotonic() < deadline, f"server not up in time: {log_file.read_text()[-2000:]}"
                 time.sleep(1)
-        customer = str(lines["customer_id"].dropna().iloc[0])
         first, *companions = bundles[0]
+        # a known customer who has bought none of the bundle (bought items are never offered again), chosen
+        # by id: the table's physical order is not stable between builds
+        bundle_buyers = set(lines.loc[lines["product_id"].isin(bundles[0]), "customer_id"].dropna())
+        customer = min(set(lines["customer_id"].dropna()) - bundle_buyers)
         answer = _post(f"http://127.0.0.1:{port}/invocations", {"dataframe_records": [
             {"customer_id": customer, "basket": [first]},
             {"customer_id": "C_NEVER_SEEN"},
