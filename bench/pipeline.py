@@ -336,6 +336,9 @@ def _task_job(*, done: Callable[[dict], None], task: str, settings: Settings, pr
     """One DAG training task, in its own process: fit its families, publish their tables, report; then
     (after the report, untimed) leave the frames / models for the parent in ``dump_dir``. Its memory is
     sampled by the parent (the server too: not here, each reading of the server tree costs CPU)."""
+    from ml.memory import use_system_allocator
+
+    use_system_allocator()  # as ml.nightly's tasks
     started = time.perf_counter()
     bench = Bench(server_pid=None, profile_dir=profile_dir)
     trained: dict = {"frames": {}}
@@ -486,6 +489,7 @@ def _train_baskets(settings, mine_rules, step, trained) -> None:
 
 
 def _train_recommend(settings, hybrid_class, step, trained) -> None:
+    from ml.memory import release_freed_memory
     from ml.train_baskets import recommendation_frame
 
     lines, products = trained.get("basket_lines"), trained.get("basket_products")
@@ -499,6 +503,7 @@ def _train_recommend(settings, hybrid_class, step, trained) -> None:
     # as the nightly task: the lines are let go before the publish (1.6 GB at 1M customers)
     del lines
     trained.pop("basket_lines", None)
+    release_freed_memory()
     trained["recommender"] = model
     trained["frames"]["product_recommendations"] = (recs, ["customer_id", "rank"])
     step.notes.update(customers=int(recs["customer_id"].nunique()), recommendations=len(recs),

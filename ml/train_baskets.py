@@ -49,6 +49,7 @@ from ml import registry
 from ml.baskets import AssociationRules, BasketError, FrequentItemsets
 from ml.config import Settings
 from ml.evaluation import evaluate_recommender
+from ml.memory import release_freed_memory
 from ml.publish import PublishReport, publish
 from ml.recommend import (
     BaseRecommender,
@@ -141,6 +142,7 @@ def read_basket_marts(settings: Settings, as_of: dt.date) -> tuple[pd.DataFrame,
     lines["customer_id"] = lines["customer_id"].astype("str")  # nulls stay missing (pandas 3 str dtype)
     lines["ordered_at"] = pd.to_datetime(lines["ordered_at"])
     products = products.astype({c: "str" for c in products.columns})
+    release_freed_memory()  # the Arrow table as read and the text before conversion (GBs at 1M customers)
     return lines, products
 
 
@@ -470,6 +472,7 @@ def train_baskets(
         timings["recommend_all"] = time.perf_counter() - started
         # the lines and the models are not needed for the publish: let them go first (GBs at 1M customers)
         del customer_lines, rescore, fitted, serving
+        release_freed_memory()
         mlflow.log_metrics({"n_recommendations": len(recs), "n_rules_published": len(rules_table),
                             **{f"{k}_seconds": v for k, v in timings.items()}})
 
@@ -713,11 +716,15 @@ def recommendation_frame(settings: Settings, serving, serving_name: str, lines: 
         with connect(settings) as conn:
             return copy_out(conn, _input_fingerprints(as_of)).to_pandas()
 
+    release_freed_memory()  # what the fit freed, before the scoring's own peak
     # the server aggregates the fingerprints (~8 s over 10M lines at 1M customers) while this process scores
     with ThreadPoolExecutor(1, thread_name_prefix="crm-fingerprints") as pool:
         fingerprints = pool.submit(read_fingerprints)
         picks = serving.recommend_from_lines(lines, n=n)
-        return _scored_table(picks, serving, serving_name, fingerprints.result(), as_of, run_id)
+        recs = _scored_table(picks, serving, serving_name, fingerprints.result(), as_of, run_id)
+    del picks
+    release_freed_memory()
+    return recs
 
 
 def _read_lines(conn, query: sql.Composable) -> pd.DataFrame:
