@@ -338,7 +338,8 @@ def _task_job(*, done: Callable[[dict], None], task: str, settings: Settings, pr
     sampled by the parent (the server too: not here, each reading of the server tree costs CPU)."""
     from ml.memory import use_system_allocator
 
-    use_system_allocator()  # as ml.nightly's tasks
+    if task == "train_baskets":
+        use_system_allocator()  # as ml.nightly's baskets task
     started = time.perf_counter()
     bench = Bench(server_pid=None, profile_dir=profile_dir)
     trained: dict = {"frames": {}}
