@@ -455,10 +455,12 @@ def _train_segmentation(settings, segment_customers, step, trained) -> None:
 
 
 def _train_value(settings, fit_value, step, trained) -> None:
+    from ml.memory import release_freed_memory
     from ml.value import fit_churn, prepare_training, score_customers
 
     training = _read(settings, "marts.clv_training_set")
     scoring = _read(settings, "marts.clv_scoring_set")
+    release_freed_memory()  # as ml.value.read_value_marts
     prepared = prepare_training(training)  # the per-snapshot BTYD fits once for both families, as train_value
     value = fit_value(prepared)
     churn = fit_churn(prepared)

@@ -3,7 +3,8 @@
 Arrow's default allocator (mimalloc) keeps freed pages for its own reuse, and NumPy allocates from the C
 library's malloc, which cannot reuse them: at 1M customers the baskets task held 0.5-0.8 GB of freed Arrow
 buffers (the lines as read, the scoring's intermediate frames) beside NumPy's score blocks. With both on the
-C allocator, one ``malloc_trim`` between steps returns what either freed.
+C allocator, one ``malloc_trim`` between steps returns what either freed. Tasks that stay on mimalloc (its
+peaks are lower for the value task) still hand back the Arrow tables they read once converted.
 """
 
 from __future__ import annotations
@@ -17,5 +18,7 @@ def use_system_allocator() -> None:
 
 
 def release_freed_memory() -> None:
-    """Give the free pages of the C heap back to the operating system (``malloc_trim`` on glibc)."""
+    """Give freed memory back to the operating system: Arrow's pool's (mimalloc, unless
+    :func:`use_system_allocator` was called) and the C heap's (``malloc_trim`` on glibc)."""
+    pa.default_memory_pool().release_unused()
     pa.system_memory_pool().release_unused()

@@ -1045,7 +1045,11 @@ class ValueTrainReport:
 def read_value_marts(conn) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``marts.clv_training_set`` and ``marts.clv_scoring_set`` via COPY, with Python types fixed
     (text ids, dates, booleans that CSV spells t/f)."""
-    return _read_mart(conn, "marts.clv_training_set"), _read_mart(conn, "marts.clv_scoring_set")
+    from ml.memory import release_freed_memory
+
+    marts = _read_mart(conn, "marts.clv_training_set"), _read_mart(conn, "marts.clv_scoring_set")
+    release_freed_memory()  # the Arrow tables as read: freed, but kept by Arrow's pool (~0.5 GB at 1M)
+    return marts
 
 
 def _read_mart(conn, table: str) -> pd.DataFrame:
