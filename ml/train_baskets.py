@@ -581,7 +581,7 @@ def score_baskets(
                                  ) as run:
             run_id = run.info.run_id
             started = time.perf_counter()
-            picks = (serving.recommend_from_lines(lines, n=n_recommendations) if len(lines)
+            picks = (serving.recommend_from_lines(lines, n=n_recommendations, compact=True) if len(lines)
                      else pd.DataFrame(columns=list(RECOMMENDATION_COLUMNS)))
             recs = _scored_table(picks, serving, serving_name, fingerprints, as_of, run_id)
             timings["recommend_changed"] = time.perf_counter() - started
@@ -720,7 +720,7 @@ def recommendation_frame(settings: Settings, serving, serving_name: str, lines: 
     # the server aggregates the fingerprints (~8 s over 10M lines at 1M customers) while this process scores
     with ThreadPoolExecutor(1, thread_name_prefix="crm-fingerprints") as pool:
         fingerprints = pool.submit(read_fingerprints)
-        picks = serving.recommend_from_lines(lines, n=n)
+        picks = serving.recommend_from_lines(lines, n=n, compact=True)
         recs = _scored_table(picks, serving, serving_name, fingerprints.result(), as_of, run_id)
     del picks
     release_freed_memory()

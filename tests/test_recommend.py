@@ -172,6 +172,11 @@ def test_chunks_scored_in_threads_give_the_serial_answer(sliced, monkeypatch):
     pd.testing.assert_frame_equal(serial, threaded)
     pd.testing.assert_frame_equal(serial_lines, model.recommend_from_lines(lines, customer_ids=customers, n=10))
     assert "hybrid" in set(serial["method"]) and serial["reason"].str.len().gt(10).all()
+    # the nightly's compact frames (categorical items and methods, converted chunk by chunk) say the same
+    compact = model.recommend_from_lines(lines, customer_ids=customers, n=10, compact=True)
+    assert isinstance(compact["product_id"].dtype, pd.CategoricalDtype)
+    assert isinstance(compact["method"].dtype, pd.CategoricalDtype)
+    pd.testing.assert_frame_equal(compact.astype({"product_id": "str", "method": "str"}), serial_lines)
 
 
 def test_bad_input(sliced):
