@@ -711,7 +711,8 @@ def recommendation_frame(settings: Settings, serving, serving_name: str, lines: 
                          run_id: str, n: int = 10) -> pd.DataFrame:
     """Every customer of ``lines`` (all of ``marts.basket_lines`` up to ``as_of``) scored by ``serving`` as a
     scoring night would, as the published frame with each customer's input fingerprint: what a training
-    night publishes (and the benchmark's full night)."""
+    night publishes (and the benchmark's full night). Callers release the scoring's freed memory once they
+    have let the lines go too (one trim for both)."""
     def read_fingerprints() -> pd.DataFrame:
         with connect(settings) as conn:
             return copy_out(conn, _input_fingerprints(as_of)).to_pandas()
@@ -721,10 +722,7 @@ def recommendation_frame(settings: Settings, serving, serving_name: str, lines: 
     with ThreadPoolExecutor(1, thread_name_prefix="crm-fingerprints") as pool:
         fingerprints = pool.submit(read_fingerprints)
         picks = serving.recommend_from_lines(lines, n=n, compact=True)
-        recs = _scored_table(picks, serving, serving_name, fingerprints.result(), as_of, run_id)
-    del picks
-    release_freed_memory()
-    return recs
+        return _scored_table(picks, serving, serving_name, fingerprints.result(), as_of, run_id)
 
 
 def _read_lines(conn, query: sql.Composable) -> pd.DataFrame:
