@@ -219,6 +219,15 @@ def dbt_full(bench: Bench, settings: Settings) -> None:
         result = dbt_build(settings, **DBT_VARS)
         step.rows = _order_lines(settings, "marts.fct_order_lines")
         step.notes.update(nodes=result.status_counts(), slowest=_slowest(result))
+    _keep_run_results(result, "full")
+
+
+def _keep_run_results(result, name: str) -> None:
+    """Keep the build's run_results.json beside it (the next build overwrites it): every node's timing, for
+    reading where a build's time went after a ``--keep`` run."""
+    source = result.target_path / "run_results.json"
+    if source.exists():
+        shutil.copyfile(source, result.target_path / f"run_results.{name}.json")
 
 
 def _slowest(result, n: int = 6) -> dict[str, float]:
@@ -696,6 +705,7 @@ def incremental_night(bench: Bench, settings: Settings, end_date: dt.date, train
         # no rows: its work is the whole graph's tables and tests, not the new lines (those are in notes)
         step.notes.update(nodes=result.status_counts(), slowest=_slowest(result),
                           new_order_lines=loaded.get("raw.order_lines", 0))
+    _keep_run_results(result, "incremental")
     rescore(bench, settings, trained)
 
 
