@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import math
 import os
 import shutil
@@ -39,6 +40,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import mlflow
+import mlflow.data.pandas_dataset
+import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -248,9 +251,64 @@ def log_dataset(
     """
     if mlflow.active_run() is None:
         raise RegistryError("log_dataset needs an active run")
-    dataset = mlflow.data.from_pandas(df, name=f"{mart_name}@{_iso(as_of)}", targets=targets)
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.tracking.context import registry as context_registry
+
+    # the source from_pandas gives a frame without one: the code that logged it
+    source = CodeDatasetSource(tags=context_registry.resolve_tags())
+    dataset = _MartDataset(df, source=source, name=f"{mart_name}@{_iso(as_of)}", targets=targets,
+                           digest=_pandas_digest(df))
     mlflow.log_input(dataset, context=context, tags={"mart": mart_name, TAG_AS_OF: _iso(as_of)})
     return dataset
+
+
+def _pandas_digest(df: pd.DataFrame) -> str:
+    """MLflow's digest of a frame (``compute_pandas_digest``: the first rows' string and number columns, the
+    row count, the column names), with its one whole-frame step vectorised: it keeps the columns whose every
+    value is a ``str`` by calling ``type`` on every value of the frame (8 s for a 947k-row mart)."""
+    from mlflow.data.digest_utils import MAX_ROWS, get_normalized_md5_digest
+
+    def only_str(column: pd.Series) -> bool:
+        if column.dtype == object:
+            return bool(column.map(type).eq(str).all())
+        # pandas' string dtype: every value is a str unless it is missing
+        return pd.api.types.is_string_dtype(column.dtype) and bool(column.notna().all())
+
+    trimmed = df.head(MAX_ROWS)
+    string_columns = trimmed.columns[[only_str(df[name]) for name in df.columns]]
+    kept = trimmed[string_columns.union(trimmed.select_dtypes(include=[np.number]).columns)]
+    return get_normalized_md5_digest(
+        [pd.util.hash_pandas_object(kept).values, np.int64(len(df))] + [str(x).encode() for x in df.columns]
+    )
+
+
+# Rows per column the schema's types are inferred from (the first non-null ones of each column).
+SCHEMA_SAMPLE_ROWS = 1_000
+
+
+class _MartDataset(mlflow.data.pandas_dataset.PandasDataset):
+    """MLflow's pandas dataset with the same schema, inferred in bulk.
+
+    MLflow infers a column's type and whether it is required value by value in Python: 160 s of a 205 s
+    scoring task for a 947k-row mart at 1M customers, and minutes for the 9.7M basket lines. Here the types are
+    MLflow's own inference over a sample holding the first non-null values of every column (a column's values
+    share its dtype), and "required" is an exact, vectorised null check over every row.
+    """
+
+    @functools.cached_property
+    def schema(self):
+        from mlflow.types import ColSpec, Schema
+
+        df = self._df
+        present = {name: df[name].notna().to_numpy() for name in df.columns}
+        rows = np.unique(np.concatenate(
+            [np.flatnonzero(mask)[:SCHEMA_SAMPLE_ROWS] for mask in present.values()] + [np.arange(min(len(df), 1))]
+        ))
+        sampled = mlflow.data.pandas_dataset.PandasDataset(df.iloc[rows], source=self.source, digest="sample").schema
+        if sampled is None or [spec.name for spec in sampled.inputs] != [str(c) for c in df.columns]:
+            return super().schema  # a frame MLflow cannot type from a sample: its own inference, whole
+        return Schema([ColSpec(spec.type, spec.name, required=bool(present[name].all()))
+                       for spec, name in zip(sampled.inputs, df.columns, strict=True)])
 
 
 def log_figure_png(fig_or_path: Any, artifact_path: str) -> str:

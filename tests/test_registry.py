@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import uuid
 
 import matplotlib
@@ -201,3 +202,30 @@ def test_unreachable_tracking_server_is_a_clear_error(tmp_path, monkeypatch):
         registry.configure(settings, probe_timeout=2)
     with pytest.raises(CrmError, match="not configured"):
         registry.experiment("anything")
+
+
+def test_a_logged_mart_has_the_schema_mlflow_infers_itself(configured):
+    # log_dataset types a sample and checks nulls in bulk (MLflow's own inference walks every value in
+    # Python): the logged schema must be exactly MLflow's, nulls far past the sample included
+    n = 5_000
+    rng = np.random.default_rng(3)
+    frame = pd.DataFrame({
+        "customer_id": pd.Series([f"c{i}" for i in range(n)], dtype="str"),
+        "late_null_text": pd.Series([f"t{i}" if i != n - 7 else None for i in range(n)], dtype="str"),
+        "spend": rng.random(n),
+        "late_nan": np.where(np.arange(n) == n - 3, np.nan, 1.0),
+        "n_orders": rng.integers(0, 9, n),
+        "flag": rng.random(n) > 0.5,
+        "mostly_null": pd.Series([None] * (n - 1) + ["x"], dtype="str"),
+        "object_text": pd.Series(["a"] * (n - 1) + [None], dtype=object),
+        "object_all_text": pd.Series(["b"] * n, dtype=object),
+        "day": pd.to_datetime("2024-01-01") + pd.to_timedelta(rng.integers(0, 300, n), unit="D"),
+    })
+    with registry.parent_run(_name("exp"), as_of=AS_OF, run_name="schema") as run:
+        logged = registry.log_dataset(frame, "marts.clv_training_set", AS_OF, targets="spend")
+    expected = mlflow.data.from_pandas(frame, name="x", targets="spend")
+    assert logged.schema.to_dict() == expected.schema.to_dict()
+    assert not {spec.name: spec.required for spec in logged.schema.inputs}["late_null_text"]
+    assert logged.digest == expected.digest and logged.profile == expected.profile
+    (dataset_input,) = MlflowClient().get_run(run.info.run_id).inputs.dataset_inputs
+    assert json.loads(dataset_input.dataset.schema) == {"mlflow_colspec": expected.schema.to_dict()}
