@@ -812,12 +812,12 @@ class SegmentationTrainReport:
 
 def read_customer_features(conn) -> tuple[pd.DataFrame, dict[int, str]]:
     """``marts.customer_features`` (COPY out) and the names of its category_share ranks."""
-    from ml.warehouse import copy_out
+    from ml.warehouse import read_frame
 
-    features = copy_out(conn, "select * from marts.customer_features order by customer_id").to_pandas()
+    features = read_frame(conn, "select * from marts.customer_features order by customer_id")
     if "customer_id" in features.columns:
         features["customer_id"] = features["customer_id"].astype(str)
-    cats = copy_out(conn, "select rank, category from marts.feature_categories").to_pandas()
+    cats = read_frame(conn, "select rank, category from marts.feature_categories")
     names = {int(r): str(c) for r, c in zip(cats.get("rank", []), cats.get("category", []), strict=True)}
     return features, names
 

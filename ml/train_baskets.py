@@ -62,7 +62,7 @@ from ml.recommend import (
     UserKNNRecommender,
 )
 from ml.recommender_model import fitted_recommender, log_recommender
-from ml.warehouse import connect, copy_out
+from ml.warehouse import connect, read_frame
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +131,8 @@ def read_basket_marts(settings: Settings, as_of: dt.date) -> tuple[pd.DataFrame,
     products_query = ("select product_id, product_name, category, subcategory, brand, price_band "
                       "from marts.dim_products where is_product order by product_id")
     with connect(settings) as conn:
-        lines = copy_out(conn, lines_query).to_pandas()
-        products = copy_out(conn, products_query).to_pandas()
+        lines = read_frame(conn, lines_query)
+        products = read_frame(conn, products_query)
     if lines.empty:
         raise BasketError(
             f"no baskets to learn from: marts.basket_lines has no line on or before as_of {as_of}; load orders "
@@ -561,8 +561,8 @@ def score_baskets(
             "where ordered_at < {} and customer_id in (select customer_id from {}) "
             "order by basket_id, product_id").format(sql.Literal(as_of + dt.timedelta(days=1)),
                                                      sql.Identifier(_SCORED_TABLE)))
-        fingerprints = copy_out(conn, sql.SQL("select customer_id, input_fingerprint from {}").format(
-            sql.Identifier(_SCORED_TABLE))).to_pandas()
+        fingerprints = read_frame(conn, sql.SQL("select customer_id, input_fingerprint from {}").format(
+            sql.Identifier(_SCORED_TABLE)))
         timings["plan_and_read"] = time.perf_counter() - started
         log.info("score_baskets %s: %s; %d customers to score, %d carried", as_of, plan.reason,
                  n_inputs - n_carried, n_carried)
@@ -715,7 +715,7 @@ def recommendation_frame(settings: Settings, serving, serving_name: str, lines: 
     have let the lines go too (one trim for both)."""
     def read_fingerprints() -> pd.DataFrame:
         with connect(settings) as conn:
-            return copy_out(conn, _input_fingerprints(as_of)).to_pandas()
+            return read_frame(conn, _input_fingerprints(as_of))
 
     release_freed_memory()  # what the fit freed, before the scoring's own peak
     # the server aggregates the fingerprints (~8 s over 10M lines at 1M customers) while this process scores
@@ -726,7 +726,7 @@ def recommendation_frame(settings: Settings, serving, serving_name: str, lines: 
 
 
 def _read_lines(conn, query: sql.Composable) -> pd.DataFrame:
-    lines = copy_out(conn, query).to_pandas()
+    lines = read_frame(conn, query)
     if lines.empty:
         return pd.DataFrame({c: pd.Series(dtype="str") for c in ("basket_id", "customer_id", "product_id",
                                                                   "category")})

@@ -433,9 +433,19 @@ def copy_out(conn: psycopg.Connection, query: str | sql.Composable) -> pa.Table:
         ))
 
 
+def read_frame(conn: psycopg.Connection, query: str | sql.Composable) -> pd.DataFrame:
+    """The result of a query as a DataFrame via COPY (:func:`copy_out`).
+
+    The Arrow table is converted column by column, each column's buffers freed once converted (pyarrow's
+    ``self_destruct``, with one block per column so none waits for the others): the table and the frame never
+    coexist whole. Reading a 1.6M-row training set held both, ~0.4 GB each at 1M customers.
+    """
+    return copy_out(conn, query).to_pandas(split_blocks=True, self_destruct=True)
+
+
 def read_table(conn: psycopg.Connection, table: str) -> pd.DataFrame:
     """A whole table as a DataFrame via COPY."""
-    return copy_out(conn, sql.SQL("select * from {}").format(qualified(table))).to_pandas()
+    return read_frame(conn, sql.SQL("select * from {}").format(qualified(table)))
 
 
 def wait_until_reachable(settings: Settings, seconds: float = 30) -> None:
