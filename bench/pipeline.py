@@ -470,15 +470,18 @@ def _train_value(settings, fit_value, step, trained) -> None:
     training = _read(settings, "marts.clv_training_set")
     scoring = _read(settings, "marts.clv_scoring_set")
     release_freed_memory()  # as ml.value.read_value_marts
+    training_rows = len(training)
     prepared = prepare_training(training)  # the per-snapshot BTYD fits once for both families, as train_value
+    del training  # as train_value: the fits use the prepared copy
     value = fit_value(prepared)
     churn = fit_churn(prepared)
+    del prepared
     scores = score_customers(scoring, value.model, churn.model)
     trained["value_model"], trained["churn_model"] = value.model, churn.model
     trained["frames"]["customer_scores"] = (scores, ["customer_id"])
-    step.rows = len(training) + len(scoring)
+    step.rows = training_rows + len(scoring)
     step.notes.update(value_champion=value.champion, churn_champion=churn.champion,
-                      training_rows=len(training), scoring_rows=len(scoring))
+                      training_rows=training_rows, scoring_rows=len(scoring))
 
 
 def _baskets_input(settings) -> tuple[pd.DataFrame, pd.DataFrame]:
