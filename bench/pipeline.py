@@ -464,12 +464,10 @@ def _train_segmentation(settings, segment_customers, step, trained) -> None:
 
 
 def _train_value(settings, fit_value, step, trained) -> None:
-    from ml.memory import release_freed_memory
-    from ml.value import fit_churn, prepare_training, score_customers
+    from ml.value import fit_churn, prepare_training, read_value_marts, score_customers
 
-    training = _read(settings, "marts.clv_training_set")
-    scoring = _read(settings, "marts.clv_scoring_set")
-    release_freed_memory()  # as ml.value.read_value_marts
+    with connect(settings) as conn:
+        training, scoring = read_value_marts(conn)  # the task's own reader (and its memory hand-backs)
     training_rows = len(training)
     prepared = prepare_training(training)  # the per-snapshot BTYD fits once for both families, as train_value
     del training  # as train_value: the fits use the prepared copy
