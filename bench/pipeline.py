@@ -54,7 +54,7 @@ import numpy as np
 import pandas as pd
 
 from bench.harness import StepResult, measure, postmaster_pid
-from ml.config import PROJECT_ROOT, Settings
+from ml.config import DBT_TRAINING_SELECTOR, PROJECT_ROOT, Settings
 from ml.warehouse import connect, init_schemas, read_table, start_embedded, stop_embedded
 
 RUN_ID = "bench"  # publish wants an MLflow run id; the benchmark trains without MLflow
@@ -689,6 +689,7 @@ def age_history(settings: Settings, *, hours: int) -> None:
 
 def incremental_night(bench: Bench, settings: Settings, end_date: dt.date, trained: dict) -> None:
     from ml.dbt import dbt_build
+    from ml.nightly import validate, value_training_needed
 
     # The full night's models as registered champions (training ran without MLflow): not timed, it is
     # what the full night's training runs leave behind in production.
@@ -702,11 +703,18 @@ def incremental_night(bench: Bench, settings: Settings, end_date: dt.date, train
         step.rows = loaded.get("raw.order_lines", 0)
         step.notes.update(rows_by_table=loaded)
     with bench.step(DBT_INCREMENTAL, reference=DBT_FULL) as step:
-        result = dbt_build(settings, **DBT_VARS)
+        # as the DAG builds them: the marts, then the value family's training marts only if it retrains
+        result = dbt_build(settings, exclude=DBT_TRAINING_SELECTOR, **DBT_VARS)
+        _keep_run_results(result, "incremental")
         # no rows: its work is the whole graph's tables and tests, not the new lines (those are in notes)
         step.notes.update(nodes=result.status_counts(), slowest=_slowest(result),
                           new_order_lines=loaded.get("raw.order_lines", 0))
-    _keep_run_results(result, "incremental")
+        if value_training_needed(settings, validate({}), {"as_of": _as_of(settings).isoformat()}):
+            training = dbt_build(settings, select=DBT_TRAINING_SELECTOR, **DBT_VARS)
+            _keep_run_results(training, "incremental.training")
+            step.notes.update(training_marts=training.status_counts(), training_slowest=_slowest(training))
+        else:
+            step.notes.update(training_marts="not built: the value family only scores tonight")
     rescore(bench, settings, trained)
 
 

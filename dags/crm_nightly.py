@@ -35,7 +35,7 @@ from airflow.sdk import Asset, Param, dag, task
 from cosmos import DbtTaskGroup, ExecutionConfig, ProfileConfig, ProjectConfig, RenderConfig
 from cosmos.constants import ExecutionMode, InvocationMode, LoadMode, TestBehavior
 
-from ml.config import Settings
+from ml.config import DBT_TRAINING_SELECTOR, Settings
 from ml.params import param_specs
 
 SETTINGS = Settings.from_env()  # reads environment variables only: no database, no dbt at import
@@ -169,7 +169,16 @@ def crm_nightly():
 
         return train_segments(Settings.from_env(), run_params, loaded, orchestrator_run_id=context["run_id"])
 
-    @task(outlets=SCORES, execution_timeout=timedelta(minutes=45))
+    # The value family's training marts (dbt tag `training`) are built only on the nights it retrains: the
+    # group after this task is skipped otherwise (and train_value scores with its champions). Only the
+    # tasks right after it are skipped here; train_value runs whether the group ran or was skipped.
+    @task.short_circuit(ignore_downstream_trigger_rules=False, execution_timeout=timedelta(minutes=5))
+    def value_training_needed(run_params: dict, loaded: dict) -> bool:
+        from ml.nightly import value_training_needed
+
+        return value_training_needed(Settings.from_env(), run_params, loaded)
+
+    @task(outlets=SCORES, execution_timeout=timedelta(minutes=45), trigger_rule="none_failed")
     def train_value(run_params: dict, loaded: dict, **context) -> dict:
         from ml.nightly import train_value
 
@@ -186,10 +195,13 @@ def crm_nightly():
     dbt_marts = _dbt_group(
         "dbt_marts",
         select=["path:models/staging", "path:models/intermediate", "path:models/marts"],
+        exclude=[DBT_TRAINING_SELECTOR],
     )
     marts = check_marts(loaded)
     params >> loaded >> dbt_marts >> marts
-    trainings = [train_segments(params, loaded), train_baskets(params, loaded), train_value(params, loaded)]
+    value = train_value(params, loaded)
+    marts >> value_training_needed(params, loaded) >> _dbt_group("dbt_training_marts", select=[DBT_TRAINING_SELECTOR]) >> value
+    trainings = [train_segments(params, loaded), train_baskets(params, loaded), value]
     marts >> trainings
     summary = summarize(params, loaded, marts, *trainings)
     if AUDIENCE_MODELS.is_dir():  # (a file-system check, no dbt: the group appears once the models exist)

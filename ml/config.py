@@ -18,6 +18,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_EMBEDDED_PORT = 55432
 EMBEDDED_DATABASE = "crm"
 WAREHOUSE_SCHEMAS = ("raw", "staging", "marts", "ml", "audit")
+# dbt selector of what only a training of the value family reads (clv_training_set and its feature snapshots):
+# the nightly builds it after the other marts, and only on the nights that family retrains (ml.nightly).
+DBT_TRAINING_SELECTOR = "tag:training"
 
 
 @dataclass(frozen=True)

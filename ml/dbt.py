@@ -209,6 +209,7 @@ def dbt_build(
     training_snapshots: int = 1,
     full_refresh: bool = False,
     select: str | list[str] | None = None,
+    exclude: str | list[str] | None = None,
     check: bool = True,
 ) -> DbtRunResult:
     """``dbt build`` (models, data tests and unit tests in DAG order) with the point-in-time vars."""
@@ -217,6 +218,8 @@ def dbt_build(
         args.append("--full-refresh")
     if select:
         args += ["--select", *([select] if isinstance(select, str) else select)]
+    if exclude:
+        args += ["--exclude", *([exclude] if isinstance(exclude, str) else exclude)]
     variables = {"as_of": as_of, "horizon_days": horizon_days, "training_snapshots": training_snapshots}
     return run_dbt(settings, args, vars=variables, check=check)
 

@@ -34,7 +34,7 @@ from datetime import date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from ml.config import Settings
+from ml.config import DBT_TRAINING_SELECTOR, Settings
 from ml.memory import use_system_allocator
 from ml.params import RunParams
 
@@ -97,8 +97,10 @@ def dbt_runtime(settings: Settings, params: Mapping[str, Any], loaded: Mapping[s
 
 
 # The marts training reads: an empty one means the run has nothing to learn from, which is an error.
-REQUIRED_MARTS = ("marts.customer_features", "marts.basket_lines", "marts.clv_training_set",
-                  "marts.clv_scoring_set", "marts.dim_customers", "marts.dim_products")
+# (marts.clv_training_set is not among them: it is built after this gate, and only when the value family
+# retrains; see value_training_needed.)
+REQUIRED_MARTS = ("marts.customer_features", "marts.basket_lines", "marts.clv_scoring_set",
+                  "marts.dim_customers", "marts.dim_products")
 
 
 def check_marts(settings: Settings, loaded: Mapping[str, Any]) -> dict[str, Any]:
@@ -316,6 +318,7 @@ def train_value(settings: Settings, params: Mapping[str, Any], loaded: Mapping[s
     decision = _scorable(retrain_decision(settings, params, loaded, (module.CLV_MODEL_NAME, module.CHURN_MODEL_NAME)),
                          module, "score_value")
     if decision.retrain:
+        check_training_set(settings, date.fromisoformat(loaded["as_of"]))
         report = module.train_value(settings, orchestrator_run_id=orchestrator_run_id,
                                     policy=params["promotion_policy"])
     else:
@@ -332,6 +335,42 @@ def train_value(settings: Settings, params: Mapping[str, Any], loaded: Mapping[s
         "promoted": {"clv": bool(report.clv_promoted), "churn": bool(report.churn_promoted)},
         "published": {"customer_scores": int(report.rows_published)},
     }
+
+
+def value_training_needed(settings: Settings, params: Mapping[str, Any], loaded: Mapping[str, Any]) -> bool:
+    """Whether tonight's value family retrains, so that its training marts (``DBT_TRAINING_SELECTOR``) must be
+    built: on a scoring-only night nothing reads them, and at 1M customers they were the longest path of the
+    incremental dbt build (the training snapshots, clv_training_set and its point-in-time test). The same
+    decision ``train_value`` takes afterwards, from the same facts (the marts are built by then)."""
+    from ml import value as module
+
+    decision = _scorable(retrain_decision(settings, params, loaded, (module.CLV_MODEL_NAME, module.CHURN_MODEL_NAME)),
+                         module, "score_value")
+    log.info("value training marts (%s): %s", DBT_TRAINING_SELECTOR,
+             "built tonight" if decision.retrain else "not needed tonight, the champions only score")
+    return decision.retrain
+
+
+def check_training_set(settings: Settings, as_of: date) -> None:
+    """``marts.clv_training_set`` is tonight's: its newest snapshot's label window ends on ``as_of``.
+
+    The value family retrains from it, and the nightly builds it only when value_training_needed says so: a
+    training on a stale set (last week's, say) would register a champion of old data under tonight's date.
+    """
+    from ml.errors import CrmError
+    from ml.warehouse import connect
+
+    with connect(settings) as conn:
+        exists = conn.execute("select to_regclass('marts.clv_training_set') is not null").fetchone()[0]
+        ends = conn.execute(
+            "select max(feature_cutoff_date + horizon_days) from marts.clv_training_set where snapshot = 1"
+        ).fetchone()[0] if exists else None
+    if ends != as_of:
+        raise CrmError(
+            f"marts.clv_training_set is not built for as_of {as_of} (its labels end on {ends}): the value "
+            f"family retrains from it, so build it first (dbt build --select {DBT_TRAINING_SELECTOR}, with this "
+            "run's vars)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from datetime import timedelta
 
 import pytest
 
@@ -93,6 +94,7 @@ _INSPECT = """
             timeouts={t.task_id: t.execution_timeout.total_seconds() if t.execution_timeout else None
                       for t in dag.tasks},
             outlets=sorted(o.name for t in dag.tasks for o in t.outlets if hasattr(o, "name")),
+            trigger_rules={t.task_id: getattr(t.trigger_rule, "value", t.trigger_rule) for t in dag.tasks},
             serialized=json.dumps(DagSerialization.to_dict(dag), default=str),
         )
     print(json.dumps(out))
@@ -153,12 +155,13 @@ def test_every_task_retries_with_backoff_and_has_a_timeout_except_validation(des
 
 def test_every_dbt_model_is_a_task_after_load_and_before_the_marts_gate(described, manifest):
     nodes = json.loads(manifest.read_text())["nodes"].values()
-    models = {n["name"] for n in nodes if n["resource_type"] == "model"
+    models = {n["name"]: n for n in nodes if n["resource_type"] == "model"
               and n["path"].split("/")[0] in ("staging", "intermediate", "marts")}
     assert models, "the dbt project has no models"
     tasks = set(described["task_ids"])
-    for model in models:
-        assert f"dbt_marts.{model}_model_build" in tasks, model
+    for model, node in models.items():
+        group = "dbt_training_marts" if "training" in node["tags"] else "dbt_marts"
+        assert f"{group}.{model}_model_build" in tasks, model
     upstream = described["upstream"]
     assert upstream["load_raw"] == ["validate_params"]
     roots = [t for t in tasks if t.startswith("dbt_marts.") and not any(
@@ -171,6 +174,23 @@ def test_every_dbt_model_is_a_task_after_load_and_before_the_marts_gate(describe
         assert "check_marts" in upstream[training], training
         assert not any(u.startswith("train_") for u in upstream[training])  # the three run in parallel
         assert training in upstream["summarize"]
+
+
+def test_the_value_training_marts_are_built_after_the_gate_only_when_value_retrains(described, manifest):
+    """clv_training_set and its snapshots (dbt tag `training`) are their own group, after check_marts and the
+    short-circuit that skips it on scoring-only nights; train_value waits for it and runs when it is skipped."""
+    nodes = json.loads(manifest.read_text())["nodes"].values()
+    training = {n["name"] for n in nodes if n["resource_type"] == "model" and "training" in n["tags"]}
+    assert {"clv_training_set", "int_customer_features_snapshots"} <= training
+    upstream = described["upstream"]
+    group = [t for t in described["task_ids"] if t.startswith("dbt_training_marts.")]
+    roots = [t for t in group if not any(u.startswith("dbt_training_marts.") for u in upstream[t])]
+    assert roots and all(upstream[t] == ["value_training_needed"] for t in roots)
+    assert "check_marts" in upstream["value_training_needed"]
+    assert any(u.startswith("dbt_training_marts.") for u in upstream["train_value"])
+    assert described["trigger_rules"]["train_value"] == "none_failed"
+    for other in ("train_segments", "train_baskets"):  # they do not wait for the value family's marts
+        assert not any(u.startswith("dbt_training_marts.") for u in upstream[other])
 
 
 def test_downstream_marts_are_built_after_the_trainings(described, manifest):
@@ -283,6 +303,18 @@ def test_full_nightly_run_end_to_end_and_a_rerun_of_the_same_as_of_is_identical(
     done = ae.dags_test(warehouse, {**rerun, "retrain": "never"}, env=env, timeout=2400)
     assert ae.dag_runs(env)[0]["state"] == "success"
     assert _published(warehouse) == first
+    # the value family only scored: its training marts were not built (skipped, visibly), it still ran
+    states = ae.task_states(env, ae.dag_runs(env)[0]["run_id"])
+    skipped = {t for t, s in states.items() if s == "skipped"}
+    assert skipped and all(t.startswith("dbt_training_marts.") for t in skipped), skipped
+    assert states["train_value"] == "success"
+    # and a retraining on a training set that is not tonight's is refused, clearly
+    from ml.errors import CrmError
+    from ml.nightly import check_training_set
+
+    check_training_set(warehouse, as_of)
+    with pytest.raises(CrmError, match="clv_training_set is not built for as_of"):
+        check_training_set(warehouse, as_of + timedelta(days=1))
     output = done.stdout + done.stderr
     after = _model_versions(warehouse)
     for family, models in FAMILY_MODELS.items():

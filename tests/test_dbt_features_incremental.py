@@ -21,6 +21,7 @@ from ml.warehouse import connect
 LOADED_3 = "2024-06-01 00:00:00+00"
 LOADED_4 = "2024-06-02 00:00:00+00"
 CUSTOMER_MARTS = {
+    "staging.int_customer_features_as_of": ["customer_id"],
     "staging.int_customer_features_snapshots": ["customer_id", "snapshot"],
     "staging.int_customer_rfm": ["customer_id"],
     "marts.customer_features": ["customer_id"],
@@ -163,6 +164,6 @@ def test_a_moved_price_median_rewrites_no_other_buyer(warehouse):
         conn.execute("update marts.clv_training_set set avg_price_index = avg_price_index * 1.5")
         conn.commit()
     with pytest.raises(DbtBuildFailed) as caught:
-        run_dbt(warehouse, ["test", "--select", "assert_features_do_not_read_after_cutoff"],
+        run_dbt(warehouse, ["test", "--select", "assert_training_features_do_not_read_after_cutoff"],
                 vars={"horizon_days": 60, "training_snapshots": 1})
     assert caught.value.result.failed_nodes[0].failures >= 1

@@ -1,4 +1,6 @@
--- Training labels come from (cutoff, cutoff + horizon] and never from after as_of.
+-- Training labels come from (cutoff, cutoff + horizon] and never from after as_of. Tagged `training`: runs when
+-- the training set is built.
+{{ config(tags=['training']) }}
 with
 
 as_of as (

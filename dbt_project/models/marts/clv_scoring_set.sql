@@ -2,8 +2,7 @@
 with
 
 features as (
-    select * from {{ ref('int_customer_features_snapshots') }}
-    where snapshot = 0
+    select * from {{ ref('int_customer_features_as_of') }}
 ),
 
 as_of as (

@@ -1,15 +1,22 @@
 -- One row per customer × training snapshot: features as of the cut-off (as_of - snapshot * horizon_days),
 -- labels from the horizon_days after it. Snapshot 1 is the latest fully labelled window.
+-- Tagged `training`: built on the nights the value family retrains (ml.nightly.value_training_needed); on a
+-- scoring-only night it keeps the last training night's rows (its feature_cutoff_date says which).
+{{ config(tags=['training']) }}
 with
 
 features as (
     select * from {{ ref('int_customer_features_snapshots') }}
-    where snapshot >= 1
 ),
 
--- the features one horizon later: snapshot k - 1's cut-off is snapshot k's plus horizon_days
+-- the features one horizon later: snapshot k - 1's cut-off is snapshot k's plus horizon_days (snapshot 0 is
+-- as_of's, in int_customer_features_as_of)
 later as (
-    select * from {{ ref('int_customer_features_snapshots') }}
+    select snapshot, customer_id, net_revenue, n_orders
+    from {{ ref('int_customer_features_as_of') }}
+    union all
+    select snapshot, customer_id, net_revenue, n_orders
+    from {{ ref('int_customer_features_snapshots') }}
     where snapshot < {{ var('training_snapshots') }}
 ),
 

@@ -6,8 +6,7 @@ customers as (
 ),
 
 features as (
-    select * from {{ ref('int_customer_features_snapshots') }}
-    where snapshot = 0
+    select * from {{ ref('int_customer_features_as_of') }}
 ),
 
 rfm as (
