@@ -220,6 +220,11 @@ def dbt_full(bench: Bench, settings: Settings) -> None:
         step.rows = _order_lines(settings, "marts.fct_order_lines")
         step.notes.update(nodes=result.status_counts(), slowest=_slowest(result))
     _keep_run_results(result, "full")
+    # what the DAG's check_marts records after a night whose tests passed (every row was tested)
+    from ml.nightly import record_data_tests
+
+    with connect(settings) as conn:
+        record_data_tests(conn, _as_of(settings), "all")
 
 
 def _keep_run_results(result, name: str) -> None:
@@ -689,7 +694,7 @@ def age_history(settings: Settings, *, hours: int) -> None:
 
 def incremental_night(bench: Bench, settings: Settings, end_date: dt.date, trained: dict) -> None:
     from ml.dbt import dbt_build
-    from ml.nightly import validate, value_training_needed
+    from ml.nightly import data_test_scope, record_data_tests, validate, value_training_needed
 
     # The full night's models as registered champions (training ran without MLflow): not timed, it is
     # what the full night's training runs leave behind in production.
@@ -703,18 +708,26 @@ def incremental_night(bench: Bench, settings: Settings, end_date: dt.date, train
         step.rows = loaded.get("raw.order_lines", 0)
         step.notes.update(rows_by_table=loaded)
     with bench.step(DBT_INCREMENTAL, reference=DBT_FULL) as step:
-        # as the DAG builds them: the marts, then the value family's training marts only if it retrains
-        result = dbt_build(settings, exclude=DBT_TRAINING_SELECTOR, **DBT_VARS)
+        # as the DAG builds them: the marts, their data tests over the rows loaded since the last passing
+        # night's (load_raw decides), then the value family's training marts only if it retrains
+        with connect(settings) as conn:
+            tests = data_test_scope(conn, validate({}))
+        step.notes.update(data_tests=tests["reason"])
+        result = dbt_build(settings, exclude=DBT_TRAINING_SELECTOR, tested_through=tests["tested_through"],
+                           **DBT_VARS)
         _keep_run_results(result, "incremental")
         # no rows: its work is the whole graph's tables and tests, not the new lines (those are in notes)
         step.notes.update(nodes=result.status_counts(), slowest=_slowest(result),
                           new_order_lines=loaded.get("raw.order_lines", 0))
         if value_training_needed(settings, validate({}), {"as_of": _as_of(settings).isoformat()}):
-            training = dbt_build(settings, select=DBT_TRAINING_SELECTOR, **DBT_VARS)
+            training = dbt_build(settings, select=DBT_TRAINING_SELECTOR, tested_through=tests["tested_through"],
+                                 **DBT_VARS)
             _keep_run_results(training, "incremental.training")
             step.notes.update(training_marts=training.status_counts(), training_slowest=_slowest(training))
         else:
             step.notes.update(training_marts="not built: the value family only scores tonight")
+        with connect(settings) as conn:
+            record_data_tests(conn, _as_of(settings), tests["scope"])
     rescore(bench, settings, trained)
 
 

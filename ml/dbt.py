@@ -210,9 +210,14 @@ def dbt_build(
     full_refresh: bool = False,
     select: str | list[str] | None = None,
     exclude: str | list[str] | None = None,
+    tested_through: str | None = None,
     check: bool = True,
 ) -> DbtRunResult:
-    """``dbt build`` (models, data tests and unit tests in DAG order) with the point-in-time vars."""
+    """``dbt build`` (models, data tests and unit tests in DAG order) with the point-in-time vars.
+
+    ``tested_through``: the data tests of tables with a load time read only the rows loaded after it (less the
+    incremental look-back; ``ml.nightly.data_test_scope`` says when); None: every row.
+    """
     args = ["build"]
     if full_refresh:
         args.append("--full-refresh")
@@ -220,7 +225,8 @@ def dbt_build(
         args += ["--select", *([select] if isinstance(select, str) else select)]
     if exclude:
         args += ["--exclude", *([exclude] if isinstance(exclude, str) else exclude)]
-    variables = {"as_of": as_of, "horizon_days": horizon_days, "training_snapshots": training_snapshots}
+    variables = {"as_of": as_of, "horizon_days": horizon_days, "training_snapshots": training_snapshots,
+                 "tested_through": tested_through}
     return run_dbt(settings, args, vars=variables, check=check)
 
 

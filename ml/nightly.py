@@ -73,8 +73,62 @@ def load_raw(settings: Settings, params: Mapping[str, Any], *, run_after: dateti
             log.info("raw layer was empty: generated the demo CRM: %s", report.summary())
             loaded = {"generated": True, "report": report.summary()}
         as_of = resolve_as_of(conn, params, run_after=run_after, timezone=settings.timezone)
+        tests = data_test_scope(conn, params)
     log.info("as_of for this run: %s", as_of)
-    return {**loaded, "as_of": as_of.isoformat(), "dbt_vars": dbt_vars(params, as_of)}
+    log.info("dbt data tests read %s", tests["reason"])
+    variables = {**dbt_vars(params, as_of), **({"tested_through": tests["tested_through"]} if tests["tested_through"] else {})}
+    return {**loaded, "as_of": as_of.isoformat(), "data_tests": tests, "dbt_vars": variables}
+
+
+# Under data_tests=auto every row is tested at least this often; the nights between test their new rows.
+FULL_DATA_TESTS_EVERY_DAYS = 7
+# The staged tables whose newest load time a passing night's tests covered (each indexed on _loaded_at).
+STAGED_TABLES = ("stg_crm__customers", "stg_crm__products", "stg_crm__orders", "stg_crm__order_lines",
+                 "stg_crm__web_events")
+
+
+def data_test_scope(conn, params: Mapping[str, Any]) -> dict[str, Any]:
+    """Which rows tonight's dbt data tests read: every row (``scope`` "all"), or on tables with a load time the
+    rows loaded after ``tested_through`` less the incremental look-back (``scope`` "new": the dbt var of the
+    same name, read by the macro ``postgres__get_where_subquery``).
+
+    Every row on a full refresh, under ``data_tests="all"``, when no earlier night's tests passed (nothing
+    recorded in ``audit.data_test_runs``, e.g. the first night) and when the last night that tested every
+    row was recorded :data:`FULL_DATA_TESTS_EVERY_DAYS` days ago or more. Otherwise the newest load time the
+    recorded nights covered: a night whose tests failed records nothing, so the next night tests its rows too.
+    """
+    def every_row(reason: str) -> dict[str, Any]:
+        return {"scope": "all", "tested_through": None, "reason": f"every row ({reason})"}
+
+    if params.get("full_refresh"):
+        return every_row("full refresh")
+    if params.get("data_tests", "auto") == "all":
+        return every_row("data_tests=all")
+    tested_through, last_full, full_due = conn.execute(
+        "select max(tested_through), max(recorded_at) filter (where scope = 'all'), "
+        "coalesce(max(recorded_at) filter (where scope = 'all') <= now() - make_interval(days => %s), true) "
+        "from audit.data_test_runs",
+        (FULL_DATA_TESTS_EVERY_DAYS,),
+    ).fetchone()
+    if tested_through is None:
+        return every_row("no earlier night's tests recorded")
+    if full_due:
+        return every_row(f"the last night that tested every row was recorded at {last_full}, "
+                         f"{FULL_DATA_TESTS_EVERY_DAYS} days ago or more")
+    return {"scope": "new", "tested_through": tested_through.isoformat(),
+            "reason": f"the rows loaded after {tested_through.isoformat()} less the look-back (where a table has "
+                      "a load time; every row of the others)"}
+
+
+def record_data_tests(conn, as_of: date, scope: str) -> None:
+    """After every dbt data test of the night passed: record how far the staged data's load times reached, so
+    the next night tests the rows loaded after it (:func:`data_test_scope`)."""
+    newest = " union all ".join(f"select max(_loaded_at) from staging.{t}" for t in STAGED_TABLES)  # noqa: S608
+    conn.execute(
+        f"insert into audit.data_test_runs (as_of, scope, tested_through) select %s, %s, max(m) from ({newest}) as t (m)",  # noqa: S608 (fixed names)
+        (as_of, scope),
+    )
+    conn.commit()
 
 
 # CLV temporal validation trains on older snapshots and validates on snapshot 1 (ml.value): two at least.
@@ -112,14 +166,16 @@ def check_marts(settings: Settings, loaded: Mapping[str, Any]) -> dict[str, Any]
     with connect(settings) as conn:
         counts = table_counts(conn, ("marts",))
         built_as_of = conn.execute("select max(as_of_date) from marts.customer_features").fetchone()[0]
-    empty = [t for t in REQUIRED_MARTS if counts.get(t, 0) == 0]
-    if empty:
-        raise CrmError(f"marts empty or missing after dbt build: {', '.join(empty)} (as_of {loaded['as_of']})")
-    if built_as_of is None or built_as_of.isoformat() != loaded["as_of"]:
-        raise CrmError(
-            f"marts.customer_features is as of {built_as_of}, expected {loaded['as_of']}: "
-            "the dbt build did not run with this run's as_of"
-        )
+        empty = [t for t in REQUIRED_MARTS if counts.get(t, 0) == 0]
+        if empty:
+            raise CrmError(f"marts empty or missing after dbt build: {', '.join(empty)} (as_of {loaded['as_of']})")
+        if built_as_of is None or built_as_of.isoformat() != loaded["as_of"]:
+            raise CrmError(
+                f"marts.customer_features is as of {built_as_of}, expected {loaded['as_of']}: "
+                "the dbt build did not run with this run's as_of"
+            )
+        # every dbt task (models and their data tests) succeeded, or this task would not run
+        record_data_tests(conn, built_as_of, (loaded.get("data_tests") or {}).get("scope", "all"))
     # The tracking store is opened (and a fresh SQLite one created) here, once: the three trainings start
     # in parallel and would otherwise race to create its tables. An unreachable store fails here, clearly,
     # before any training.

@@ -26,6 +26,9 @@ PROMOTION_POLICIES = ("auto", "never", "force")
 # Retrain modes of the incremental night (ml/retrain_policy.py decides per family under "auto"; a copy of its
 # RETRAIN_MODES so that parsing the DAG stays free of the ml modules; a test keeps them equal).
 RETRAIN_MODES = ("auto", "always", "never")
+# Which rows the dbt data tests read (ml.nightly.data_test_scope): "auto" tests the rows loaded since the last
+# night whose tests passed, and every row at least weekly; "all" tests every row tonight.
+DATA_TEST_MODES = ("auto", "all")
 
 # Bounds shared by the form (JSON schema) and the Python validation, so they can never disagree.
 K_BOUNDS = (2, 30)
@@ -66,6 +69,7 @@ class RunParams:
     promotion_policy: str = "auto"
     retrain: str = "auto"
     retrain_every_days: int = 7
+    data_tests: str = "auto"
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any] | None) -> RunParams:
@@ -106,6 +110,7 @@ class RunParams:
         take("promotion_policy", lambda v: _parse_choice(v, PROMOTION_POLICIES))
         take("retrain", lambda v: _parse_choice(v, RETRAIN_MODES))
         take("retrain_every_days", lambda v: _parse_int(v, *RETRAIN_EVERY_BOUNDS))
+        take("data_tests", lambda v: _parse_choice(v, DATA_TEST_MODES))
 
         if values["k_min"] > values["k_max"]:
             problems.append(
@@ -244,6 +249,17 @@ def param_specs() -> dict[str, dict[str, Any]]:
             "maximum": RETRAIN_EVERY_BOUNDS[1],
             "title": "Retrain at least every N days",
             "description": "Under retrain=auto, a champion trained more than this many days before as_of is retrained.",
+        },
+        "data_tests": {
+            "default": d.data_tests,
+            "type": "string",
+            "enum": list(DATA_TEST_MODES),
+            "title": "dbt data tests",
+            "description": (
+                "auto: the data tests of tables with a load time read the rows loaded since the last night "
+                "whose tests passed (and every row on a full refresh and at least once every 7 days); "
+                "all: every test reads every row tonight."
+            ),
         },
     }
 

@@ -6,6 +6,7 @@ read its marts. The raw rows are written so that each expectation below can be w
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import uuid
 from decimal import Decimal
@@ -315,3 +316,90 @@ def test_point_in_time_test_catches_a_feature_that_read_after_its_cutoff(built, 
         with connect(settings) as conn:
             conn.execute("update marts.customer_features set n_orders = n_orders - 1")
             conn.commit()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data tests over the rows a night loaded (dbt var tested_through, macro postgres__get_where_subquery)
+# ---------------------------------------------------------------------------------------------------------
+DISCOUNT_TEST = "accepted_range_fct_order_lines_discount__1__0"
+
+
+def _discount_test(settings, tested_through: str | None) -> int:
+    """Failing rows of the discount range test of fct_order_lines (0 when it passes)."""
+    variables = {"horizon_days": 60, "training_snapshots": 1, "tested_through": tested_through}
+    try:
+        run_dbt(settings, ["test", "--select", DISCOUNT_TEST], vars=variables)
+    except DbtBuildFailed as failed:
+        assert DISCOUNT_TEST in str(failed)
+        return failed.result.failed_nodes[0].failures
+    return 0
+
+
+def test_a_night_tests_the_rows_loaded_after_the_last_tested_load_less_the_look_back(built):
+    """A bad line loaded long before tested_through is not read (the night it arrived tested it); the same
+    line loaded inside the 6 h look-back, or any time when every row is tested, fails the test."""
+    settings, _ = built
+    with connect(settings) as conn:
+        order_id, line_no, discount, loaded_at = conn.execute(
+            "select order_id, line_no, discount, _source_loaded_at from marts.fct_order_lines "
+            "order by order_id, line_no limit 1").fetchone()
+        conn.execute("update marts.fct_order_lines set discount = 5 where order_id = %s and line_no = %s",
+                     (order_id, line_no))
+        conn.commit()
+    try:
+        assert _discount_test(settings, None) == 1
+        assert _discount_test(settings, (loaded_at + dt.timedelta(hours=7)).isoformat()) == 0
+        assert _discount_test(settings, (loaded_at + dt.timedelta(hours=5)).isoformat()) == 1
+        assert _discount_test(settings, (loaded_at - dt.timedelta(hours=1)).isoformat()) == 1
+    finally:
+        with connect(settings) as conn:
+            conn.execute("update marts.fct_order_lines set discount = %s where order_id = %s and line_no = %s",
+                         (discount, order_id, line_no))
+            conn.commit()
+
+
+def test_a_table_without_a_load_time_is_tested_whole_on_every_night(built):
+    settings, _ = built
+    with connect(settings) as conn:
+        conn.execute("update marts.customer_features set recency_days = -1 where customer_id = 'c2'")
+        conn.commit()
+    try:
+        with pytest.raises(DbtBuildFailed, match="accepted_range_customer_features_recency_days"):
+            run_dbt(settings, ["test", "--select", "accepted_range_customer_features_recency_days__0"],
+                    vars={"horizon_days": 60, "tested_through": "2999-01-01T00:00:00+00:00"})
+    finally:
+        with connect(settings) as conn:
+            conn.execute("update marts.customer_features c set recency_days = f.recency_days "
+                         "from staging.int_customer_features_as_of f "
+                         "where c.customer_id = 'c2' and f.customer_id = c.customer_id")
+            conn.commit()
+
+
+def test_a_malformed_tested_through_is_a_clear_error(built):
+    settings, _ = built
+    with pytest.raises(DbtBuildFailed, match="tested_through must be an ISO timestamp"):
+        run_dbt(settings, ["test", "--select", DISCOUNT_TEST],
+                vars={"horizon_days": 60, "tested_through": "2024-01-01' or true --"})
+
+
+def test_the_nightly_tests_every_row_until_a_night_passed_then_weekly(built):
+    """ml.nightly.data_test_scope: every row with nothing recorded, on a full refresh, under data_tests=all and
+    when the last night that tested every row is a week old; otherwise the staged rows after the last record."""
+    from ml.nightly import data_test_scope, record_data_tests
+
+    settings, _ = built
+    auto = {"full_refresh": False, "data_tests": "auto"}
+    with connect(settings) as conn:
+        conn.execute("delete from audit.data_test_runs")
+        assert data_test_scope(conn, auto)["scope"] == "all"
+        record_data_tests(conn, dt.date(2024, 6, 1), "all")
+        newest = conn.execute("select max(_loaded_at) from staging.stg_crm__order_lines").fetchone()[0]
+        scope = data_test_scope(conn, auto)
+        assert scope["scope"] == "new" and dt.datetime.fromisoformat(scope["tested_through"]) >= newest
+        assert data_test_scope(conn, {**auto, "full_refresh": True})["scope"] == "all"
+        assert data_test_scope(conn, {**auto, "data_tests": "all"})["scope"] == "all"
+        conn.execute("update audit.data_test_runs set recorded_at = now() - interval '8 days'")
+        record_data_tests(conn, dt.date(2024, 6, 2), "new")  # nights testing new rows do not reset the week
+        assert data_test_scope(conn, auto)["scope"] == "all"
+        conn.execute("delete from audit.data_test_runs")
+        conn.commit()

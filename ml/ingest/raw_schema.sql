@@ -31,6 +31,17 @@ create table if not exists audit.quarantine (
 );
 create index if not exists quarantine_batch on audit.quarantine (batch_id);
 
+-- One row per nightly run whose dbt data tests passed (ml.nightly.record_data_tests): whether they read every
+-- row ('all') or the rows loaded since the previous entry ('new'), and the newest load time of the staged data
+-- they covered. The next night's tests read the rows loaded after it, less the incremental look-back
+-- (ml.nightly.data_test_scope).
+create table if not exists audit.data_test_runs (
+    as_of          date        not null,
+    scope          text        not null check (scope in ('all', 'new')),
+    tested_through timestamptz,
+    recorded_at    timestamptz not null default clock_timestamp()
+);
+
 create table if not exists raw.customers (
     customer_id          text,
     email                text,
