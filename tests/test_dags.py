@@ -289,12 +289,15 @@ def test_full_nightly_run_end_to_end_and_a_rerun_of_the_same_as_of_is_identical(
         assert rows > 0 and history == rows, table
     with connect(warehouse) as conn:
         as_of = conn.execute("select max(as_of_date) from marts.customer_features").fetchone()[0]
+        # the first night tested every row, and recorded it for the next night (which tests the new rows)
+        assert conn.execute("select as_of, scope from audit.data_test_runs").fetchall() == [(as_of, "all")]
 
     # The same as_of again (explicitly, as a backfill of that date would), retraining every family:
     # replaced, never duplicated, and the retrained models publish exactly the same tables.
     rerun = {**conf, "as_of": as_of.isoformat()}
-    ae.dags_test(warehouse, {**rerun, "retrain": "always"}, env=env, timeout=2400)
+    done = ae.dags_test(warehouse, {**rerun, "retrain": "always"}, env=env, timeout=2400)
     assert ae.dag_runs(env)[0]["state"] == "success"
+    assert "dbt data tests read the rows loaded after" in done.stdout + done.stderr
     assert _published(warehouse) == first
     versions = _model_versions(warehouse)
 
@@ -416,4 +419,6 @@ def test_a_dirty_batch_fails_its_dbt_test_and_stops_the_run_before_training(mani
     assert _mlflow_runs(warehouse) == 0
     with connect(warehouse) as conn:
         published = {t: n for t, n in table_counts(conn, ("ml",)).items() if n}
+        # and no night's tests are recorded as passed: the next night tests these rows again
+        assert conn.execute("select count(*) from audit.data_test_runs").fetchone()[0] == 0
     assert published == {}
