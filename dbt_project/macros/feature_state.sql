@@ -347,7 +347,7 @@ line_summary as (
         sum(customer_categories.n_discount_lines) as n_discount_lines,
         -- avg_price_index (the mean over priced lines of unit_price / the category's median at the cut-off) is
         -- per category the summed prices over the median: keep the sums per category, the medians move nightly
-        -- (unordered: int_customer_features_snapshots sums the quotients in numeric, exact in any order)
+        -- (unordered: customer_features_from_state sums the quotients in numeric, exact in any order)
         array_agg(customer_categories.category) filter (where customer_categories.n_priced_lines > 0)
             as price_categories,
         array_agg(customer_categories.priced_amount) filter (where customer_categories.n_priced_lines > 0)

@@ -11,7 +11,7 @@
 -- dates that the features derive from, none of which depend on where the cut-off lies beyond the
 -- customer's last data, so a row stays valid while nothing of that customer moves into its window. The
 -- features that do depend on the cut-off itself (recency, tenure, age) are computed from these in
--- int_customer_features_snapshots.
+-- the feature models (macro customer_features_from_state).
 --
 -- One pass over each source, not one per cut-off: every row dated on or before as_of falls in one bucket,
 -- the oldest snapshot whose cut-off it is still on or before (snapshot_bucket). Rows are summed per customer
@@ -32,6 +32,6 @@
 -- avg_price_index is not kept here: it divides by the category price medians, which move at some cut-off
 -- every night, and keeping it made a night recompute every buyer of such a category (most customers at 1M).
 -- The state keeps each customer's priced amount and lines per category instead (price_categories,
--- category_priced_amounts, category_priced_lines: aligned arrays); int_customer_features_snapshots divides
+-- category_priced_amounts, category_priced_lines: aligned arrays); customer_features_from_state divides
 -- them by the current medians, set-based over the state.
 {{ customer_feature_state(part=0, parts=2) }}
