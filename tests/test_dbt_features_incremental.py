@@ -13,7 +13,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 from test_dbt_incremental import _deliver
-from test_dbt_project import _read, load_fixture
+from test_dbt_project import LOADED_2, _read, load_fixture
 
 from ml.dbt import DbtBuildFailed, dbt_build, run_dbt
 from ml.warehouse import connect
@@ -29,11 +29,19 @@ CUSTOMER_MARTS = {
     "marts.clv_training_set": ["customer_id", "snapshot"],
     "marts.dim_customers": ["customer_id"],
     "marts.feature_categories": ["rank"],
+    "staging.int_order_lines_daily": ["order_date", "category", "unit_price"],
+    "staging.int_category_price_medians": ["snapshot", "category"],
 }
 
 
+# when a row was written, not what it holds: a night's rows carry that night's load time, a full refresh's all
+# carry the newest
+WRITE_TIME_COLUMNS = {"staging.int_order_lines_daily": ["_source_loaded_at"]}
+
+
 def _marts(settings) -> dict[str, pd.DataFrame]:
-    return {table: _read(settings, table).sort_values(keys).reset_index(drop=True)
+    return {table: _read(settings, table).drop(columns=WRITE_TIME_COLUMNS.get(table, []))
+            .sort_values(keys).reset_index(drop=True)
             for table, keys in CUSTOMER_MARTS.items()}
 
 
@@ -46,6 +54,14 @@ def _state_versions(settings) -> dict[tuple[int, str], str]:
             "union all select snapshot, customer_id, xmin::text from staging.int_customer_feature_state_p1"
         ).fetchall()
     return {(snapshot, customer): xmin for snapshot, customer, xmin in rows}
+
+
+def _daily_versions(settings) -> dict[tuple, str]:
+    """The transaction id that last wrote each row of the lines' daily summary."""
+    with connect(settings) as conn:
+        rows = conn.execute("select order_date, category, unit_price, xmin::text "
+                            "from staging.int_order_lines_daily").fetchall()
+    return {(str(day), category, price): xmin for day, category, price, xmin in rows}
 
 
 def _assert_equals_full_refresh(settings, incremental: dict[str, pd.DataFrame]) -> None:
@@ -167,3 +183,50 @@ def test_a_moved_price_median_rewrites_no_other_buyer(warehouse):
         run_dbt(warehouse, ["test", "--select", "assert_training_features_do_not_read_after_cutoff"],
                 vars={"horizon_days": 60, "training_snapshots": 1})
     assert caught.value.result.failed_nodes[0].failures >= 1
+
+
+def test_the_daily_line_summary_rewrites_the_changed_days_only(warehouse):
+    """int_order_lines_daily (what the category ranks, the price medians and the point-in-time tests read
+    instead of every line) rewrites the days of the night's lines, and the days whose line count changed: the
+    old date of a re-delivered order that moved, which the load time alone cannot find. A drifted day fails
+    the summary's data test and is repaired by the next night."""
+    load_fixture(warehouse)
+    dbt_build(warehouse, horizon_days=60)
+    before = _daily_versions(warehouse)
+    assert {day for day, _, _ in before} >= {"2024-02-01", "2024-03-01", "2024-03-15"}
+
+    _deliver(
+        warehouse,
+        orders=[
+            ("o44", "c4", "2024-03-28 09:00", "completed", 3, LOADED_3),
+            ("o4", "c2", "2024-02-03 10:00", "completed", 3, LOADED_3),  # was 2024-02-01, that day's only order
+        ],
+        lines=[("o44", 1, "P1", 1, 10.0, 3, LOADED_3)],
+    )
+    dbt_build(warehouse, horizon_days=60)
+    after = _daily_versions(warehouse)
+    days_after = {day for day, _, _ in after}
+    assert "2024-02-01" not in days_after and {"2024-02-03", "2024-03-28"} <= days_after
+    rewritten = {key[0] for key in after if after[key] != before.get(key)}
+    # the days of the lines the fact (re)wrote since the summary's watermark (LOADED_2 less the look-back:
+    # tonight's, and those of the earlier delivery inside the look-back, as every incremental model does)
+    with connect(warehouse) as conn:
+        delivered = {str(day) for (day,) in conn.execute(
+            "select distinct order_date from marts.fct_order_lines "
+            "where _source_loaded_at > %s::timestamptz - interval '6 hours'", [LOADED_2])}
+    assert {"2024-02-03", "2024-03-28", "2024-01-10", "2024-03-20"} <= delivered
+    assert rewritten == delivered
+    assert not rewritten & {"2024-03-01", "2024-03-15"}  # untouched days keep their rows
+    _assert_equals_full_refresh(warehouse, _marts(warehouse))
+
+    with connect(warehouse) as conn:
+        conn.execute("update staging.int_order_lines_daily set n_lines = n_lines + 1 "
+                     "where order_date = '2024-03-01' and unit_price = 5")
+        conn.commit()
+    with pytest.raises(DbtBuildFailed) as caught:
+        run_dbt(warehouse, ["test", "--select", "assert_order_lines_daily_matches_lines"],
+                vars={"horizon_days": 60})
+    assert caught.value.result.failed_nodes[0].failures == 1
+    dbt_build(warehouse, horizon_days=60)  # its tests include that one: it passes again
+    repaired = _daily_versions(warehouse)
+    assert {key[0] for key in repaired if repaired[key] != after[key]} >= {"2024-03-01"}

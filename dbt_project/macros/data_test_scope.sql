@@ -20,12 +20,8 @@
     {%- if where -%}
         {%- do conditions.append('(' ~ where ~ ')') -%}
     {%- endif -%}
-    {%- set tested_through = var('tested_through', none) -%}
+    {%- set tested_through = tested_through_var() -%}
     {%- if tested_through and execute -%}
-        {%- if not modules.re.fullmatch('[0-9]{4}-[0-9]{2}-[0-9]{2}[T ][0-9:.]+([+-][0-9:]+|Z)?', tested_through | string) -%}
-            {{ exceptions.raise_compiler_error(
-                "var tested_through must be an ISO timestamp, got " ~ (tested_through | string)) }}
-        {%- endif -%}
         {%- set columns = adapter.get_columns_in_relation(relation) | map(attribute='name') | list -%}
         {%- for column in ['_source_loaded_at', '_loaded_at'] if column in columns -%}
             {%- if loop.first -%}
@@ -39,4 +35,16 @@
     {%- else -%}
         {%- do return(relation) -%}
     {%- endif -%}
+{%- endmacro %}
+
+
+{#- The var `tested_through`, checked to be an ISO timestamp (it is pasted into SQL), or none. -#}
+{% macro tested_through_var() -%}
+    {%- set tested_through = var('tested_through', none) -%}
+    {%- if tested_through and not modules.re.fullmatch(
+            '[0-9]{4}-[0-9]{2}-[0-9]{2}[T ][0-9:.]+([+-][0-9:]+|Z)?', tested_through | string) -%}
+        {{ exceptions.raise_compiler_error(
+            "var tested_through must be an ISO timestamp, got " ~ (tested_through | string)) }}
+    {%- endif -%}
+    {%- do return(tested_through) -%}
 {%- endmacro %}

@@ -73,24 +73,24 @@ as_of as (
 ),
 
 -- The category medians at each cut-off, from the lines' own dates (not the model's snapshot buckets). One pass
--- counting, per category and price, the lines on or before each cut-off (percentile_cont over the lines
--- joined to every cut-off sorted ~3x all lines: most of this test at 1M), then the weighted median of those
--- counts, interpolated between the two middle lines like percentile_cont(0.5).
+-- over the lines' counts per day and price (int_order_lines_daily, rather than over every line each night)
+-- summing, per category and price, the purchase lines on or before each cut-off; then the weighted median of
+-- those counts, interpolated between the two middle lines like percentile_cont(0.5).
 price_counts as (
     select
-        purchase_lines.category,
-        purchase_lines.unit_price
+        daily_lines.category,
+        daily_lines.unit_price
         {%- for k in snapshots %},
-        count(*) filter (
-            where purchase_lines.order_date <= as_of.as_of_date - {{ k }} * as_of.horizon_days
-        ) as n_lines_{{ k }}
+        coalesce(sum(daily_lines.n_purchase_lines) filter (
+            where daily_lines.order_date <= as_of.as_of_date - {{ k }} * as_of.horizon_days
+        ), 0) as n_lines_{{ k }}
         {%- endfor %}
-    from purchase_lines
+    from {{ ref('int_order_lines_daily') }} as daily_lines
     cross join as_of
-    where purchase_lines.unit_price > 0
+    where daily_lines.n_purchase_lines > 0
     group by
-        purchase_lines.category,
-        purchase_lines.unit_price
+        daily_lines.category,
+        daily_lines.unit_price
 ),
 
 cutoff_price_counts as (

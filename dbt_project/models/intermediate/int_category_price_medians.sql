@@ -2,8 +2,9 @@
 -- One row per snapshot × category: the median unit price of the purchase lines (sold, not cancelled, of
 -- known and unknown customers alike) dated on or before the snapshot's cut-off, the yardstick of
 -- avg_price_index (premium vs bargain buyers of the same category). Per cut-off, so that later prices never
--- leak into a snapshot. One pass over the lines: each line counts in its snapshot bucket (see
--- snapshot_bucket), and a cut-off's prices are the sum of the buckets at or before it. The median is taken
+-- leak into a snapshot. From the lines' counts per day and price (int_order_lines_daily, kept incrementally)
+-- rather than the lines: each day counts in its snapshot bucket (see snapshot_bucket), and a cut-off's prices
+-- are the sum of the buckets at or before it. The median is taken
 -- over the few distinct prices with their line counts, a hash aggregate, rather than by sorting every line;
 -- it interpolates the two middle values like percentile_cont(0.5).
 with
@@ -20,16 +21,14 @@ snapshots as (
 
 bucket_prices as (
     select
-        {{ snapshot_bucket('order_lines.order_date') }} as bucket,
-        order_lines.category,
-        order_lines.unit_price,
-        count(*) as n_lines
-    from {{ ref('fct_order_lines') }} as order_lines
+        {{ snapshot_bucket('daily_lines.order_date') }} as bucket,
+        daily_lines.category,
+        daily_lines.unit_price,
+        sum(daily_lines.n_purchase_lines) as n_lines
+    from {{ ref('int_order_lines_daily') }} as daily_lines
     cross join as_of
-    where order_lines.order_date <= as_of.as_of_date
-      and order_lines.quantity > 0
-      and not order_lines.is_cancelled
-      and order_lines.unit_price > 0
+    where daily_lines.order_date <= as_of.as_of_date
+      and daily_lines.n_purchase_lines > 0
     group by 1, 2, 3
 ),
 

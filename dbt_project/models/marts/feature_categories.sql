@@ -1,9 +1,10 @@
 -- One row per feature category (rank 1..8): the top categories by net spend up to as_of, which
--- customer_features.category_share_<rank> refer to.
+-- customer_features.category_share_<rank> refer to. From the lines' daily summary (int_order_lines_daily),
+-- not the lines themselves: the ranks are on every night's critical path.
 with
 
-order_lines as (
-    select * from {{ ref('fct_order_lines') }}
+daily_lines as (
+    select * from {{ ref('int_order_lines_daily') }}
 ),
 
 as_of as (
@@ -12,12 +13,12 @@ as_of as (
 
 category_spend as (
     select
-        order_lines.category,
-        sum(order_lines.line_revenue) as net_spend
-    from order_lines
+        daily_lines.category,
+        sum(daily_lines.line_revenue) as net_spend
+    from daily_lines
     cross join as_of
-    where order_lines.order_date <= as_of.as_of_date
-    group by order_lines.category
+    where daily_lines.order_date <= as_of.as_of_date
+    group by daily_lines.category
 ),
 
 ranked as (
