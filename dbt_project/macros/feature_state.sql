@@ -14,6 +14,7 @@
     pre_hook="set local work_mem = '128MB'",
     post_hook="{% if is_incremental() %}delete from {{ this }} where not has_orders{% endif %}",
 ) }}
+-- depends_on: {{ ref('int_customer_feature_state_affected') }}
 {%- set previous = none %}
 {%- if is_incremental() %}
     {%- set previous = adapter.get_relation(this.database, this.schema, 'int_customer_feature_state_watermark') %}
@@ -31,116 +32,18 @@ cutoffs as (
 
 {%- if incremental %}
 
-previous as (
-    select * from {{ previous }}
-),
-
-previous_cutoffs as (
-    select distinct snapshot, feature_cutoff_date
-    from previous
-),
-
--- the dates each snapshot's cut-off moved across since the last run: (least, greatest], as a set of dates so
--- that the filters below are a hashed lookup per row (a range test against a CTE is a nested scan per row)
-moved_dates as (
-    select generate_series(
-        least(previous_cutoffs.feature_cutoff_date, cutoffs.feature_cutoff_date) + 1,
-        greatest(previous_cutoffs.feature_cutoff_date, cutoffs.feature_cutoff_date),
-        interval '1 day'
-    )::date as moved_date
-    from cutoffs
-    inner join previous_cutoffs
-        on cutoffs.snapshot = previous_cutoffs.snapshot
-    where previous_cutoffs.feature_cutoff_date <> cutoffs.feature_cutoff_date
-),
-
-watermarks as (
-    select
-        coalesce(max(orders_loaded_at), '-infinity'::timestamptz)
-            - interval '{{ var("incremental_lookback_hours") }} hours' as orders_loaded_at,
-        coalesce(max(validated_loaded_at), '-infinity'::timestamptz)
-            - interval '{{ var("incremental_lookback_hours") }} hours' as validated_loaded_at,
-        coalesce(max(web_loaded_at), '-infinity'::timestamptz)
-            - interval '{{ var("incremental_lookback_hours") }} hours' as web_loaded_at
-    from previous
-),
-
-previous_ranks as (
-    select distinct category, category_rank
-    from previous
-    where category_rank is not null
-),
-
-current_ranks as (
-    select category, rank as category_rank
-    from {{ ref('feature_categories') }}
-),
-
--- a new snapshot, or other feature categories (the category shares of everyone), recompute every customer
-recompute as (
-    select (
-        exists (select snapshot from cutoffs except select snapshot from previous_cutoffs)
-        or exists (select * from previous_ranks except select * from current_ranks)
-        or exists (select * from current_ranks except select * from previous_ranks)
-    ) as everyone
-),
-
+-- this part's customers among those the night recomputes (int_customer_feature_state_affected)
 affected_customers as (
     select customer_id
-    from (
-    select orders.customer_id
-    from {{ ref('fct_orders') }} as orders
-    cross join watermarks
-    where orders.customer_id is not null
-      and (
-          orders._source_loaded_at > watermarks.orders_loaded_at
-          or orders.order_date in (select moved_date from moved_dates)
-      )
-
-    union
-
-    select validated.customer_id
-    from {{ ref('int_orders_validated') }} as validated
-    cross join watermarks
-    where validated.customer_id is not null
-      and validated.exclusion_reason is not null
-      and validated._source_loaded_at > watermarks.validated_loaded_at
-
-    union
-
-    select web_events.customer_id
-    from {{ ref('stg_crm__web_events') }} as web_events
-    cross join watermarks
-    where web_events.customer_id is not null
-      and (
-          web_events._loaded_at > watermarks.web_loaded_at
-          or web_events.event_date in (select moved_date from moved_dates)
-      )
-
-    -- everyone, when the feature categories changed (kept inside this set, so that the sources below are
-    -- filtered by a plain semi-join: an `everyone or customer_id in (...)` filter cannot be planned as a
-    -- hash join, and at 1M customers became a 15-minute nested scan of this set for every order line)
-    union
-
-    select orders.customer_id
-    from {{ ref('fct_orders') }} as orders
-    where orders.customer_id is not null
-      and (select everyone from recompute)
-
-    union
-
-    select web_events.customer_id
-    from {{ ref('stg_crm__web_events') }} as web_events
-    where web_events.customer_id is not null
-      and (select everyone from recompute)
-    ) as affected
-    -- this part's customers only
-    where {{ customer_part('affected.customer_id', part, parts) }}
+    from {{ ref('int_customer_feature_state_affected') }}
+    where {{ customer_part('customer_id', part, parts) }}
 ),
 {%- endif %}
 
-{#- the filter that restricts a source to the customers to recompute (none on a full build) -#}
-{%- set affected_filter = 'and COLUMN in (select customer_id from affected_customers)' if incremental else '' %}
+{#- the filter that restricts a source to the customers to recompute (none on a full build): on the table, not
+    the CTE, whose scan PostgreSQL keeps out of parallel workers (the semi-join then ran after the Gather) -#}
+{%- set affected_filter = ('and COLUMN in (select customer_id from ' ~ ref('int_customer_feature_state_affected')
+    ~ ')') if incremental else '' %}
 
 snapshots as (
     select snapshot

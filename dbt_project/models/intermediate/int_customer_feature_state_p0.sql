@@ -1,7 +1,7 @@
 {#- The feature state of the customers of part 0 of 2 (int_customer_feature_state is the union of the parts; the
     SQL is the macro customer_feature_state, read it there). Incremental by customer: a night recomputes only
-    the customers the new data touched (see affected_customers) and replaces their rows (delete+insert on
-    snapshot × customer). work_mem: the two parts run at once, each with half of the 256 MB the whole state
+    the customers the new data touched (int_customer_feature_state_affected) and replaces their rows
+    (delete+insert on snapshot × customer). work_mem: the two parts run at once, each with half of the 256 MB the whole state
     had (its hash aggregates spill to disk in batches beyond that; at 256 MB a part, the 200k build's server
     peaked at 4.8 GB against 3.0 GB). The config (incremental, delete+insert, work_mem) is set in the macro. -#}
 -- depends_on: {{ ref('int_orders_validated') }}
