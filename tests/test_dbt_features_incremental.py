@@ -11,6 +11,7 @@ also check, by the rows' transaction ids, that customers the batch did not touch
 from __future__ import annotations
 
 import pandas as pd
+import psycopg
 import pytest
 from test_dbt_incremental import _deliver
 from test_dbt_project import LOADED_2, _read, load_fixture
@@ -34,8 +35,8 @@ CUSTOMER_MARTS = {
 }
 
 
-# when a row was written, not what it holds: a night's rows carry that night's load time, a full refresh's all
-# carry the newest
+# when a row was written, not what it holds: a night's rows carry that night's newest load time, a full
+# refresh's the newest of their own lines
 WRITE_TIME_COLUMNS = {"staging.int_order_lines_daily": ["_source_loaded_at"]}
 
 
@@ -114,6 +115,15 @@ def test_a_night_recomputes_the_touched_customers_and_equals_a_full_refresh(ware
     # o40 is now before c2's training cut-off: a feature, no longer a label
     assert training.loc["c2", "n_orders"] == 2 and not training.loc["c2", "has_future_purchase"]
     _assert_equals_full_refresh(warehouse, incremental)
+
+    # snapshot × customer is unique by an index on each part (no data test re-checks it), also on the tables
+    # the full refresh just rebuilt
+    for part in ("int_customer_feature_state_p0", "int_customer_feature_state_p1"):
+        with connect(warehouse) as conn:
+            if not conn.execute(f"select exists (select from staging.{part})").fetchone()[0]:
+                continue
+            with pytest.raises(psycopg.errors.UniqueViolation):
+                conn.execute(f"insert into staging.{part} select * from staging.{part} limit 1")
 
 
 def test_a_delivery_touching_one_customer_rewrites_only_that_customer(warehouse):

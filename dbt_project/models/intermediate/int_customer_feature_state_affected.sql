@@ -3,14 +3,15 @@
 -- scanned fct_orders and the ~14M web events twice each at 1M customers), and as a table with statistics,
 -- so that the parts' semi-joins on these few thousand customers run in their parallel scans' workers instead
 -- of gathering every row to the leader first.
--- Empty when there is no int_customer_feature_state_watermark yet: the parts are then built whole and do not
--- read this.
+-- Empty on a --full-refresh and when there is no int_customer_feature_state_watermark yet: the parts are then
+-- built whole and do not read this.
 -- depends_on: {{ ref('int_feature_cutoffs') }}
 -- depends_on: {{ ref('feature_categories') }}
 -- depends_on: {{ ref('fct_orders') }}
 -- depends_on: {{ ref('int_orders_validated') }}
 -- depends_on: {{ ref('stg_crm__web_events') }}
-{%- set previous = adapter.get_relation(this.database, this.schema, 'int_customer_feature_state_watermark') %}
+{%- set previous = none if flags.FULL_REFRESH else
+    adapter.get_relation(this.database, this.schema, 'int_customer_feature_state_watermark') %}
 with
 
 {%- if previous is none %}

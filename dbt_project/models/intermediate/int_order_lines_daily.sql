@@ -16,9 +16,10 @@
 --     of a re-delivered order that moved, and the lines fct_order_lines deletes when their order is later
 --     excluded (say, its customer turns out to be a test account). A day that lost all its lines gets a
 --     placeholder row with n_lines = 0, which the post-hook deletes (delete+insert alone would keep it).
--- _source_loaded_at is the newest load time in fct_order_lines when the row was written, not the newest of
--- its own lines: the next night's watermark, and a rewritten row (a recounted day's remaining lines are
--- older) falls inside the night's data tests (see postgres__get_where_subquery).
+-- _source_loaded_at is the newest load time of the row's lines on a full build, and the newest load time in
+-- fct_order_lines on a night that rewrites the row: its max is the next night's watermark either way, and a
+-- rewritten row (a recounted day's remaining lines are older) falls inside the night's data tests (see
+-- postgres__get_where_subquery), while a full build's old days stay out of the next night's.
 with
 
 -- not materialized: read three times, a shared CTE would spool all 11M lines to disk (1.2 GB at 1M customers)
@@ -80,7 +81,8 @@ day_prices as (
               and not order_lines.is_cancelled
               and order_lines.unit_price > 0
         ) as n_purchase_lines,
-        sum(order_lines.line_revenue) as line_revenue
+        sum(order_lines.line_revenue) as line_revenue,
+        max(order_lines._source_loaded_at) as lines_loaded_at
     from order_lines
     {%- if is_incremental() %}
     where order_lines.order_date in (select order_date from rewritten_days)
@@ -109,7 +111,8 @@ final as (
         n_lines::bigint as n_lines,
         n_purchase_lines::bigint as n_purchase_lines,
         line_revenue::numeric as line_revenue,
-        newest.loaded_at::timestamptz as _source_loaded_at
+        {{ 'newest.loaded_at' if is_incremental() else 'day_prices.lines_loaded_at' }}::timestamptz
+            as _source_loaded_at
     from day_prices
     cross join newest
     {%- if is_incremental() %}
