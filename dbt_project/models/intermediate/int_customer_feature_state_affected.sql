@@ -82,13 +82,17 @@ recompute as (
 
 -- The filters compare with scalar subqueries (one value, or an array of the few moved dates): parameters the
 -- parallel workers of a scan apply themselves. A join to a CTE is applied after the Gather, which ships every
--- row to the leader (14M web events at 1M customers).
+-- row to the leader (14M web events at 1M customers). `everyone` (the feature categories changed) takes
+-- every customer with an order or a web event into this set, so that the parts still filter their sources
+-- by a plain semi-join: an `everyone or customer_id in (...)` filter there cannot be planned as a hash join,
+-- and at 1M customers became a 15-minute nested scan of this set for every order line.
 affected_customers as (
     select orders.customer_id
     from {{ ref('fct_orders') }} as orders
     where orders.customer_id is not null
       and (
-          orders._source_loaded_at > (select orders_loaded_at from watermarks)
+          (select everyone from recompute)
+          or orders._source_loaded_at > (select orders_loaded_at from watermarks)
           or orders.order_date = any (array(select moved_date from moved_dates))
       )
 
@@ -106,26 +110,10 @@ affected_customers as (
     from {{ ref('stg_crm__web_events') }} as web_events
     where web_events.customer_id is not null
       and (
-          web_events._loaded_at > (select web_loaded_at from watermarks)
+          (select everyone from recompute)
+          or web_events._loaded_at > (select web_loaded_at from watermarks)
           or web_events.event_date = any (array(select moved_date from moved_dates))
       )
-
-    -- everyone, when the feature categories changed (kept inside this set, so that the parts filter their
-    -- sources by a plain semi-join: an `everyone or customer_id in (...)` filter cannot be planned as a hash
-    -- join, and at 1M customers became a 15-minute nested scan of this set for every order line)
-    union
-
-    select orders.customer_id
-    from {{ ref('fct_orders') }} as orders
-    where orders.customer_id is not null
-      and (select everyone from recompute)
-
-    union
-
-    select web_events.customer_id
-    from {{ ref('stg_crm__web_events') }} as web_events
-    where web_events.customer_id is not null
-      and (select everyone from recompute)
 )
 
 {%- endif %}
