@@ -1,8 +1,10 @@
 {#- The behavioural features of every customer at the cut-offs of the snapshots that `snapshots` (a condition on
     the snapshot number, e.g. '= 0') selects: the body of int_customer_features_as_of (snapshot 0, scoring)
     and int_customer_features_snapshots (the training snapshots), so that training and scoring features are
-    one computation. What the columns mean and how they derive from the state: see below. -#}
-{% macro customer_features_from_state(snapshots) -%}
+    one computation. What the columns mean and how they derive from the state: see below. `state_relation`: one
+    part of the state (int_customer_feature_state_p<k>, for the part models of int_customer_features_as_of)
+    instead of the whole (the view over both parts). -#}
+{% macro customer_features_from_state(snapshots, state_relation=none) -%}
 -- Features computed from data dated on or before the snapshot's cut-off only.
 -- The sums and counts come from int_customer_feature_state (incremental by customer); what depends on the
 -- cut-off itself (recency, tenure, age) is computed here, for every customer, from its dates; so is
@@ -16,7 +18,7 @@ cutoffs as (
 ),
 
 state as (
-    select * from {{ ref('int_customer_feature_state') }}
+    select * from {{ state_relation if state_relation is not none else ref('int_customer_feature_state') }}
     where n_orders > 0
       and snapshot {{ snapshots }}
 ),
