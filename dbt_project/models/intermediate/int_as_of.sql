@@ -20,9 +20,19 @@ daily_orders as (
     group by order_date
 ),
 
+-- the 99th percentile of the orders' dates, percentile_disc(0.99) over every order, from the daily counts: the
+-- first date at which the running count reaches 99 % of all orders (no sort of every order: 3.7M at 1M
+-- customers, every night)
 late_threshold as (
-    select percentile_disc(0.99) within group (order by order_date) as p99_order_date
-    from orders
+    select min(order_date) as p99_order_date
+    from (
+        select
+            order_date,
+            sum(n_orders) over (order by order_date) as n_orders_so_far,
+            sum(n_orders) over () as n_orders_total
+        from daily_orders
+    ) as cumulative
+    where n_orders_so_far >= 0.99 * n_orders_total
 ),
 
 typical_day as (

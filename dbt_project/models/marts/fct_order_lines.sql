@@ -1,11 +1,12 @@
 {#- Incremental like fct_orders: the lines of every order touched by a newer delivery are replaced as a
-    whole (delete+insert on order_id, so a line that became invalid disappears with its order's rewrite). -#}
+    whole (delete+insert on order_id, so a line that became invalid disappears with its order's rewrite), and
+    the pre-hook removes the lines of orders disqualified since the watermark (see fct_orders). -#}
 {{ config(
     materialized='incremental',
     unique_key='order_id',
     incremental_strategy='delete+insert',
     on_schema_change='fail',
-    post_hook="delete from {{ this }} where order_id in (select order_id from {{ ref('int_orders_validated') }} where exclusion_reason is not null)",
+    pre_hook="{% if is_incremental() %}delete from {{ this }} where order_id in (select order_id from {{ ref('int_orders_validated') }} where exclusion_reason is not null and _source_loaded_at > {{ delivery_watermark('_source_loaded_at') }}){% endif %}",
 ) }}
 -- depends_on: {{ ref('int_orders_validated') }}
 with
