@@ -153,11 +153,12 @@ def start_embedded(settings: Settings) -> str:
     return settings.warehouse.redacted()
 
 
-def stop_embedded(settings: Settings) -> bool:
-    """Stop the embedded server. Returns False when it was not running."""
+def stop_embedded(settings: Settings, mode: str = "fast") -> bool:
+    """Stop the embedded server (``mode``: pg_ctl's shutdown mode; "immediate" is a crash, for fault tests).
+    Returns False when it was not running."""
     if not embedded_is_running(settings):
         return False
-    done = _run_pg("pg_ctl", ["-D", str(settings.pgdata), "-m", "fast", "-w", "stop"], _system_user())
+    done = _run_pg("pg_ctl", ["-D", str(settings.pgdata), "-m", mode, "-w", "stop"], _system_user())
     if done.returncode != 0:
         raise CrmError(f"could not stop the embedded PostgreSQL: {done.stderr.strip()}")
     return True

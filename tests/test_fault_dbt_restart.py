@@ -149,8 +149,6 @@ def test_a_table_built_in_one_transaction_survives_a_crash_of_the_embedded_serve
     crash right after the commit (immediate shutdown: no checkpoint, recovery from the WAL at the next start)
     must keep every row. (The session commits synchronously: the server's synchronous_commit off lets a
     crash lose the last ~0.6 s of commits by design, whatever the WAL level.)"""
-    from ml.warehouse import _run_pg, _system_user
-
     db = own_server.with_database("crashed")
     with connect(own_server.with_database("postgres"), autocommit=True) as conn:
         conn.execute("drop database if exists crashed with (force)")
@@ -162,8 +160,7 @@ def test_a_table_built_in_one_transaction_survives_a_crash_of_the_embedded_serve
             conn.execute("create table built as select g as id, md5(g::text) as payload "
                          "from generate_series(1, 200000) as g")
         expected = conn.execute("select count(*), md5(string_agg(payload, '' order by id)) from built").fetchone()
-    done = _run_pg("pg_ctl", ["-D", str(own_server.pgdata), "-m", "immediate", "-w", "stop"], _system_user())
-    assert done.returncode == 0, done.stderr
+    assert stop_embedded(own_server, mode="immediate")
     start_embedded(own_server)
     wait_until_reachable(own_server)
     with connect(db) as conn:

@@ -3,8 +3,9 @@
     say) loses its baskets too, which delete+insert alone would keep (it only replaces the keys it inserts),
     and the baskets of orders a delivery since disqualified (fct_order_lines no longer has them). One
     statement reading the watermark once, before tonight's rows move it (as two hooks, the second read it
-    after the first had deleted the newest baskets: a night older, twice the orders to look up). A night also adds the orders dated after the newest basket
-    kept, up to as_of: as_of moving forward past lines loaded earlier. The post-hook removes baskets after
+    after the first had deleted the newest baskets: a night older, twice the orders to look up). A night
+    also adds the orders dated after the newest basket kept, up to as_of: as_of moving forward past lines
+    loaded earlier. The post-hook removes baskets after
     as_of (as_of moved back). A full rebuild regrouped every line (~10M at 1M customers) every night; the
     index on _source_loaded_at makes each watermark a look-up instead of a scan.
     (basket_id, product_id) is unique by a unique index: built once on a full build, then checked on every
@@ -16,7 +17,7 @@
     incremental_strategy='delete+insert',
     on_schema_change='fail',
     indexes=[{'columns': ['basket_id', 'product_id'], 'unique': True}, {'columns': ['_source_loaded_at']}],
-    pre_hook="{% if is_incremental() %}{% set watermark = delivery_watermark('_source_loaded_at') %}delete from {{ this }} where basket_id in (select order_id from {{ ref('fct_order_lines') }} where _source_loaded_at > {{ watermark }} union all select order_id from {{ ref('int_orders_validated') }} where exclusion_reason is not null and _source_loaded_at > {{ watermark }}){% endif %}",
+    pre_hook="{% if is_incremental() %}{% set watermark = delivery_watermark('_source_loaded_at') %}delete from {{ this }} where basket_id in (select order_id from {{ ref('fct_order_lines') }} where _source_loaded_at > {{ watermark }} union all {{ disqualified_orders_since(watermark) }}){% endif %}",
     post_hook="{% if is_incremental() %}delete from {{ this }} where ordered_at >= (select as_of_date + 1 from {{ ref('int_as_of') }}){% endif %}",
 ) }}
 -- depends_on: {{ ref('int_orders_validated') }}

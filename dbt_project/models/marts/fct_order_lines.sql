@@ -6,7 +6,7 @@
     unique_key='order_id',
     incremental_strategy='delete+insert',
     on_schema_change='fail',
-    pre_hook="{% if is_incremental() %}delete from {{ this }} where order_id in (select order_id from {{ ref('int_orders_validated') }} where exclusion_reason is not null and _source_loaded_at > {{ delivery_watermark('_source_loaded_at') }}){% endif %}",
+    pre_hook="{% if is_incremental() %}delete from {{ this }} where order_id in ({{ disqualified_orders_since(delivery_watermark('_source_loaded_at')) }}){% endif %}",
 ) }}
 -- depends_on: {{ ref('int_orders_validated') }}
 with

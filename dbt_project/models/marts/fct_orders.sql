@@ -1,16 +1,14 @@
 {#- Incremental by load time, not by order date: every order whose own row, lines, customer or products were
     delivered after the newest delivery already processed is recomputed (delete+insert on order_id), so
     late-arriving lines for old orders and re-delivered rows are picked up. The pre-hook removes orders
-    that a later delivery disqualified (e.g. their customer turned out to be a test account): those whose
-    validation was rewritten since the watermark, since disqualifying an order rewrites it there (deleting
-    every excluded order ever, each night, was a scan of the whole table: 1.2 s here and 3.0 s in
-    fct_order_lines at 1M customers). A pre-hook, so that the watermark is read before tonight's rows move it. -#}
+    that a later delivery disqualified (e.g. their customer turned out to be a test account): see the macro
+    disqualified_orders_since. -#}
 {{ config(
     materialized='incremental',
     unique_key='order_id',
     incremental_strategy='delete+insert',
     on_schema_change='fail',
-    pre_hook="{% if is_incremental() %}delete from {{ this }} where order_id in (select order_id from {{ ref('int_orders_validated') }} where exclusion_reason is not null and _source_loaded_at > {{ delivery_watermark('_source_loaded_at') }}){% endif %}",
+    pre_hook="{% if is_incremental() %}delete from {{ this }} where order_id in ({{ disqualified_orders_since(delivery_watermark('_source_loaded_at')) }}){% endif %}",
 ) }}
 -- depends_on: {{ ref('int_orders_validated') }}
 with
