@@ -11,11 +11,24 @@
     once; only their rows are hashed and ranked as before, the rest pass straight through. A hash
     collision only sends a single-delivery key down the exact path, which ranks it the same, so the result is
     identical to ranking everything. `hash_record_extended` hashes a null key part like any value, as
-    `partition by` groups nulls (web events have nullable key parts). `relation` is read three times: declare
-    it `not materialized` in the model (a materialised CTE would spool every row to disk first). -#}
+    `partition by` groups nulls (web events have nullable key parts).
+
+    The cleaned rows and their key hash are computed once, into a materialised CTE (`keyed`) that the three
+    uses below read: inlined, the cleaning expressions and the key hash ran once per use, four times a row.
+    On the 14M web events of a 1M-customer warehouse the full build's query took 50.8 s that way, the
+    cleaning ~6 s and the hash ~3.4 s of each pass; spooling the rows (0.9 GB of temporary file) costs less.
+    `relation` is read once: declare it `not materialized` in the model, so that it is inlined here. The
+    rows keep `_key_hash` (the models select their columns by name). -#}
 {% macro ranked_deliveries(relation, key_columns) -%}
 {%- set key = key_columns | join(', ') -%}
-with repeated_keys as (
+with keyed as materialized (
+    select
+        cleaned_rows.*,
+        {{ key_hash(key_columns, 'cleaned_rows') }} as _key_hash
+    from {{ relation }} as cleaned_rows
+),
+
+repeated_keys as (
     -- a window over a sort of 64-bit integers, not a hash aggregate: over 11M distinct order-line keys the
     -- hash table spills and took 14.7 CPU s against 6.7 s. The outer group by leaves each key once and
     -- gives the planner a small estimate (without it, a third of all rows: the joins below then split the
@@ -23,7 +36,7 @@ with repeated_keys as (
     select _key_hash
     from (
         select _key_hash, count(*) over (partition by _key_hash) as _n_deliveries
-        from (select {{ key_hash(key_columns) }} as _key_hash from {{ relation }}) as keys
+        from keyed
     ) as counted
     where _n_deliveries > 1
     group by _key_hash
@@ -34,9 +47,9 @@ select
     1::bigint as _delivery_rank,
     1::bigint as _n_deliveries,
     1::bigint as _n_same_content
-from {{ relation }} as singles
+from keyed as singles
 where not exists (
-    select from repeated_keys where repeated_keys._key_hash = {{ key_hash(key_columns, 'singles') }}
+    select from repeated_keys where repeated_keys._key_hash = singles._key_hash
 )
 union all
 select
@@ -50,10 +63,10 @@ select
 from (
     select
         deliveries.*,
-        md5((to_jsonb(deliveries) - '_batch_id' - '_loaded_at')::text) as _row_hash
-    from {{ relation }} as deliveries
+        md5((to_jsonb(deliveries) - '_batch_id' - '_loaded_at' - '_key_hash')::text) as _row_hash
+    from keyed as deliveries
     where exists (
-        select from repeated_keys where repeated_keys._key_hash = {{ key_hash(key_columns, 'deliveries') }}
+        select from repeated_keys where repeated_keys._key_hash = deliveries._key_hash
     )
 ) as hashed
 {%- endmacro %}
@@ -105,15 +118,6 @@ hash_record_extended(row(
           where _loaded_at > {{ watermark }}
       )
     {%- endif %}
-{%- endmacro %}
-
-
-{#- How a staging model declares its `source` CTE: in an incremental run it holds the night's touched rows
-    (a few thousand), read three times by ranked_deliveries: materialised once, so the raw table is scanned
-    once, not three times (as an inlined CTE it was: the filter's semi-join too). In a full build it is the
-    whole raw table: inlined, never spooled to disk. -#}
-{% macro source_cte_materialization() -%}
-{{ 'materialized' if is_incremental() else 'not materialized' }}
 {%- endmacro %}
 
 

@@ -8,7 +8,7 @@
 -- One row per customer id: the latest delivery, cleaned. Test accounts stay here, flagged; the marts drop them.
 with
 
-source as {{ source_cte_materialization() }} (
+source as (
     select * from {{ source('crm', 'customers') }}
     {%- if is_incremental() %}
     {{ touched_keys_filter(source('crm', 'customers'), [clean_id('customer_id')]) }}

@@ -11,7 +11,7 @@
 -- One row per order line (order_id, line_no): the latest delivery. Negative quantities are returns.
 with
 
-source as {{ source_cte_materialization() }} (
+source as (
     select * from {{ source('crm', 'order_lines') }}
     {%- if is_incremental() %}
     {{ touched_keys_filter(source('crm', 'order_lines'), ["nullif(trim(order_id), '')", "line_no"]) }}

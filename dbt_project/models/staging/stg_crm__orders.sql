@@ -9,7 +9,7 @@
 -- An order timestamped after it was loaded cannot have happened yet: flagged future-dated.
 with
 
-source as {{ source_cte_materialization() }} (
+source as (
     select * from {{ source('crm', 'orders') }}
     {%- if is_incremental() %}
     {{ touched_keys_filter(source('crm', 'orders'), ["nullif(trim(order_id), '')"]) }}

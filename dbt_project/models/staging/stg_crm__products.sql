@@ -8,7 +8,7 @@
 -- One row per product id: the latest delivery, trimmed. `is_product` is false for fee and adjustment codes.
 with
 
-source as {{ source_cte_materialization() }} (
+source as (
     select * from {{ source('crm', 'products') }}
     {%- if is_incremental() %}
     {{ touched_keys_filter(source('crm', 'products'), ["nullif(trim(product_id), '')"]) }}

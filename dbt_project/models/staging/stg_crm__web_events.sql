@@ -21,7 +21,7 @@
 -- One row per distinct web event (exact re-deliveries dropped).
 with
 
-source as {{ source_cte_materialization() }} (
+source as (
     select * from {{ source('crm', 'web_events') }}
     {#- coalesced so that the touched keys can be hash-matched: conflating null with '' only re-processes a
         few more rows, never fewer -#}
