@@ -131,24 +131,37 @@ order_buckets as (
         bucket
 ),
 
+-- each cut-off's order sums as running sums over the customer's buckets, newest first (see category_running)
+order_running as (
+    select
+        customer_id,
+        bucket,
+        lead(bucket) over customer_buckets as older_bucket,
+        min(first_purchase_date) over customer_buckets as first_purchase_date,
+        max(last_purchase_date) over customer_buckets as last_purchase_date,
+        {%- for column in ["n_orders", "gross_spend", "return_value", "net_revenue", "basket_items", "n_baskets"] %}
+        sum({{ column }}) over customer_buckets as {{ column }}{{ ',' if not loop.last }}
+        {%- endfor %}
+    from order_buckets
+    window customer_buckets as (partition by customer_id order by bucket desc)
+),
+
 order_summary as (
     select
         snapshots.snapshot,
-        order_buckets.customer_id,
-        min(order_buckets.first_purchase_date) as first_purchase_date,
-        max(order_buckets.last_purchase_date) as last_purchase_date,
-        sum(order_buckets.n_orders) as n_orders,
-        sum(order_buckets.gross_spend) as gross_spend,
-        sum(order_buckets.return_value) as return_value,
-        sum(order_buckets.net_revenue) as net_revenue,
+        order_running.customer_id,
+        order_running.first_purchase_date,
+        order_running.last_purchase_date,
+        order_running.n_orders,
+        order_running.gross_spend,
+        order_running.return_value,
+        order_running.net_revenue,
         -- avg(n_items) of the purchases: the same numeric division avg() ends with
-        sum(order_buckets.basket_items)::numeric / nullif(sum(order_buckets.n_baskets), 0)::numeric as avg_basket_size
-    from order_buckets
+        order_running.basket_items::numeric / nullif(order_running.n_baskets, 0)::numeric as avg_basket_size
+    from order_running
     inner join snapshots
-        on snapshots.snapshot <= order_buckets.bucket
-    group by
-        snapshots.snapshot,
-        order_buckets.customer_id
+        on snapshots.snapshot <= order_running.bucket
+        and snapshots.snapshot > coalesce(order_running.older_bucket, -1)
 ),
 
 -- Purchase occasions: several orders on one day are one (BG/NBD's frequency counts repeat days). Distinct
