@@ -131,12 +131,12 @@ order_buckets as (
         bucket
 ),
 
--- each cut-off's order sums as running sums over the customer's buckets, newest first (see category_running)
+-- each cut-off's order sums as running sums over the customer's buckets, oldest first (see category_running)
 order_running as (
     select
         customer_id,
         bucket,
-        lead(bucket) over customer_buckets as older_bucket,
+        lead(bucket) over customer_buckets as newer_bucket,
         min(first_purchase_date) over customer_buckets as first_purchase_date,
         max(last_purchase_date) over customer_buckets as last_purchase_date,
         {%- for column in ["n_orders", "gross_spend", "return_value", "net_revenue", "basket_items", "n_baskets"] %}
@@ -161,13 +161,13 @@ order_summary as (
     from order_running
     inner join snapshots
         on snapshots.snapshot <= order_running.bucket
-        and snapshots.snapshot > coalesce(order_running.older_bucket, -1)
+        and snapshots.snapshot > coalesce(order_running.newer_bucket, -1)
 ),
 
 -- Purchase occasions: several orders on one day are one (BG/NBD's frequency counts repeat days). Distinct
 -- counts are taken once per item (in the bucket it was first seen in) and summed per cut-off, since
--- count(distinct) sorts where a plain count hash-aggregates. The items are counted per customer and bucket
--- before the cut-offs multiply them (~2.5 rows per item at three cut-offs): exact, as a count is a sum.
+-- count(distinct) sorts where a plain count hash-aggregates. The days are counted per customer and bucket
+-- before the cut-offs multiply the rows (~2.5 times at three cut-offs): a count adds up across buckets.
 purchase_days as (
     select
         snapshots.snapshot,
@@ -249,17 +249,18 @@ category_buckets as (
         bucket
 ),
 
--- the sums at each cut-off: a running sum over the customer's buckets of a category, newest bucket first,
--- holds at a bucket the sum over it and every later bucket, which is what each cut-off from that bucket down
--- to the next bucket present takes. One sort of the buckets (which also hands line_summary its rows grouped
--- by customer), not a join of every bucket to every cut-off and a hash aggregate of 4.9M rows at 1M customers
--- that spilled to disk. Numeric sums are exact in any order.
+-- the sums at each cut-off: bucket b holds the rows after cut-off b + 1 up to cut-off b (the last bucket, every
+-- row up to its cut-off), so cut-off k sums the buckets k and older. A running sum over a customer's buckets of
+-- a category, oldest first, holds at bucket b the sum of b and every older bucket: the value of cut-off b and of
+-- each newer cut-off down to the next newer bucket present (a cut-off with no bucket of its own has the sums of
+-- the older ones). One sort of the buckets, not a join of every bucket to every cut-off and a hash aggregate of
+-- 4.9M rows at 1M customers that spilled to disk. Numeric sums are exact in any order.
 category_running as (
     select
         customer_id,
         category,
         bucket,
-        lead(bucket) over customer_category as older_bucket,
+        lead(bucket) over customer_category as newer_bucket,
         {%- for column in ["line_amount", "n_lines", "n_discount_lines", "priced_amount", "n_priced_lines", "line_revenue", "q4_line_revenue", "quantity"] %}
         sum({{ column }}) over customer_category as {{ column }}{{ ',' if not loop.last }}
         {%- endfor %}
@@ -278,7 +279,7 @@ customer_categories as (
     from category_running
     inner join snapshots
         on snapshots.snapshot <= category_running.bucket
-        and snapshots.snapshot > coalesce(category_running.older_bucket, -1)
+        and snapshots.snapshot > coalesce(category_running.newer_bucket, -1)
 ),
 
 -- (a customer has one row per category, and a rank one category: max() picks it, a lighter state than sum())
