@@ -255,13 +255,14 @@ category_buckets as (
 -- each newer cut-off down to the next newer bucket present (a cut-off with no bucket of its own has the sums of
 -- the older ones). One sort of the buckets, not a join of every bucket to every cut-off and a hash aggregate of
 -- 4.9M rows at 1M customers that spilled to disk. Numeric sums are exact in any order.
+{%- set category_sums = ["line_amount", "n_lines", "n_discount_lines", "priced_amount", "n_priced_lines", "line_revenue", "q4_line_revenue", "quantity"] %}
 category_running as (
     select
         customer_id,
         category,
         bucket,
         lead(bucket) over customer_category as newer_bucket,
-        {%- for column in ["line_amount", "n_lines", "n_discount_lines", "priced_amount", "n_priced_lines", "line_revenue", "q4_line_revenue", "quantity"] %}
+        {%- for column in category_sums %}
         sum({{ column }}) over customer_category as {{ column }}{{ ',' if not loop.last }}
         {%- endfor %}
     from category_buckets
@@ -273,7 +274,7 @@ customer_categories as (
         snapshots.snapshot,
         category_running.customer_id,
         category_running.category,
-        {%- for column in ["line_amount", "n_lines", "n_discount_lines", "priced_amount", "n_priced_lines", "line_revenue", "q4_line_revenue", "quantity"] %}
+        {%- for column in category_sums %}
         category_running.{{ column }}{{ ',' if not loop.last }}
         {%- endfor %}
     from category_running
