@@ -55,6 +55,14 @@ grant insert on all tables in schema raw to crm_loader;
 -- load_atomically inserts a batch row, reads it back (idempotency by content hash) and updates its counts.
 grant select, insert on all tables in schema audit to crm_loader;
 grant update on audit.load_batches to crm_loader;
+-- a batch's first write into an empty raw table truncates it first (raw_schema.sql says why)
+do $truncate$
+begin
+    if to_regprocedure('audit.crm_truncate_if_empty(regclass)') is not null then
+        grant execute on function audit.crm_truncate_if_empty(regclass) to crm_loader;
+    end if;
+end
+$truncate$;
 grant usage on all sequences in schema raw, audit to crm_loader;
 
 -- ---------------------------------------------------------------------------------------------------------

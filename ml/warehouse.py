@@ -253,14 +253,23 @@ def qualified(table: str) -> sql.Composed:
     return sql.SQL(".").join(sql.Identifier(p) for p in parts)
 
 
+def copy_statement(table: str, columns: sql.Composable, fmt: str, *, freeze: bool = False) -> sql.Composed:
+    """``copy <table> (<columns>) from stdin`` in ``fmt`` (csv | binary); ``freeze`` writes the rows frozen,
+    allowed only into a table created or truncated in the current (sub)transaction."""
+    options = sql.SQL(", freeze true" if freeze else "")
+    return sql.SQL("copy {} ({}) from stdin (format {}{})").format(qualified(table), columns, sql.SQL(fmt), options)
+
+
 def copy_in(
-    conn: psycopg.Connection, table: str, frame: pd.DataFrame | pa.Table, *, binary: bool = False
+    conn: psycopg.Connection, table: str, frame: pd.DataFrame | pa.Table, *, binary: bool = False,
+    freeze: bool = False,
 ) -> int:
     """COPY a DataFrame (or Arrow table) into ``table``; columns are matched by name. Returns rows copied.
 
     The frame is written as CSV by Arrow's C++ writer, so nothing loops over rows in Python. With ``binary``
     it goes in PostgreSQL's binary format instead when every column has an exact binary form here (text,
     integers, doubles, booleans, dates, timestamps) and few row layouts (see :func:`binary_copy_chunks`); otherwise still as CSV.
+    ``freeze``: see :func:`copy_statement`.
     """
     arrow = frame if isinstance(frame, pa.Table) else pa.Table.from_pandas(frame, preserve_index=False)
     if arrow.num_rows == 0:
@@ -272,8 +281,7 @@ def copy_in(
             "where attrelid = %s::regclass and attnum > 0 and not attisdropped", [table]).fetchall())
         chunks = binary_copy_chunks(arrow, [types.get(c, "") for c in arrow.column_names])
         if chunks is not None:
-            statement = sql.SQL("copy {} ({}) from stdin (format binary)").format(qualified(table), columns)
-            with conn.cursor() as cur, cur.copy(statement) as copy:
+            with conn.cursor() as cur, cur.copy(copy_statement(table, columns, "binary", freeze=freeze)) as copy:
                 for chunk in chunks:
                     view = memoryview(chunk).cast("B")
                     for start in range(0, len(view), 1 << 20):
@@ -284,8 +292,7 @@ def copy_in(
     # record batches (one array per column), so pyarrow 25's CSV bug does not arise: it emits garbage for a
     # table column whose chunks start with an empty one (what pd.concat with an empty frame produces).
     options = pacsv.WriteOptions(include_header=False, quoting_style="needed")
-    statement = sql.SQL("copy {} ({}) from stdin (format csv)").format(qualified(table), columns)
-    with conn.cursor() as cur, cur.copy(statement) as copy:
+    with conn.cursor() as cur, cur.copy(copy_statement(table, columns, "csv", freeze=freeze)) as copy:
         for batch in arrow.to_batches(max_chunksize=_CSV_SLICE_ROWS):
             if not batch.num_rows:
                 continue

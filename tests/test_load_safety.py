@@ -260,3 +260,36 @@ def test_cli_unreachable_warehouse_is_one_clear_error(tmp_path):
     path.write_text("customer_id,date,number_of_cds,dollar_value\n1,19970101,1,11.77\n")
     done = crm(tmp_path, "postgresql://postgres@127.0.0.1:1/crm", "ingest", "cdnow", str(path))
     assert_one_clear_error(done, "cannot reach the warehouse", "127.0.0.1:1")
+
+
+def _filenodes(conn) -> dict[str, int]:
+    return {t: conn.execute("select pg_relation_filenode(%s::regclass)", [t]).fetchone()[0] for t in RAW_TABLES}
+
+
+def test_the_first_load_into_empty_tables_writes_them_anew_and_later_loads_append(warehouse, tmp_path):
+    """The first batch into an empty raw table truncates it in its transaction (its rows written frozen,
+    without WAL on the embedded server); a batch into tables that hold rows appends and never truncates."""
+    first_file, _, _ = garbage_file(tmp_path, n_lines=300)
+    second_dir = tmp_path / "second"
+    second_dir.mkdir()
+    second_file, _, _ = garbage_file(second_dir, n_lines=600)
+    with connect(warehouse) as conn:
+        empty = _filenodes(conn)
+        first = load_online_retail(conn, first_file)
+        after_first = _filenodes(conn)
+        # COPY FREEZE marks the pages all-visible and all-frozen: it creates the visibility map fork
+        frozen = conn.execute("select pg_relation_size('raw.order_lines', 'vm') > 0").fetchone()[0]
+        second = load_online_retail(conn, second_file)
+        after_second = _filenodes(conn)
+        lines = conn.execute("select _batch_id, count(*) from raw.order_lines group by 1 order by 1").fetchall()
+        with conn.transaction():  # a table with rows: refused without a lock, nothing removed
+            assert conn.execute("select audit.crm_truncate_if_empty('raw.orders')").fetchone()[0] is False
+        with pytest.raises(Exception, match="is not a raw table"), conn.transaction():
+            conn.execute("select audit.crm_truncate_if_empty('audit.load_batches')")
+        assert conn.execute("select count(*) from audit.load_batches").fetchone()[0] == 2
+
+    assert all(after_first[t] != empty[t] for t in RAW_TABLES), (empty, after_first)
+    assert frozen
+    assert after_second == after_first
+    assert lines == [(first.batch_id, first.rows_loaded["raw.order_lines"]),
+                     (second.batch_id, second.rows_loaded["raw.order_lines"])]

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 from psycopg import sql
 
-from ml.warehouse import binary_copy_chunks, copy_in, qualified
+from ml.warehouse import binary_copy_chunks, copy_in, copy_statement
 
 QUARANTINE_COLUMNS = ["line_no", "raw_text", "reason", "target_table"]
 
@@ -66,10 +66,14 @@ class CopyPayload:
     """One COPY ready to stream: the statement and its bytes, encoded ahead of time (see :func:`encode_copy`)."""
 
     table: str
-    statement: sql.Composed
+    columns: sql.Composed
+    format: str  # binary | csv
     buffers: list  # bytes-like, sent in order
     rows: int
     count: bool = True  # add the rows to the batch's rows_loaded (the raw tables; not the planted truth)
+
+    def statement(self, *, freeze: bool = False) -> sql.Composed:
+        return copy_statement(self.table, self.columns, self.format, freeze=freeze)
 
 
 # Slices handed to psycopg: large enough that the sending thread rarely needs the GIL (the producer thread
@@ -92,25 +96,25 @@ def encode_copy(table: str, arrow: pa.Table, types: dict[str, str] | None, *, co
     ``types`` (the target's column types) is given and every column has an exact binary form, else CSV."""
     columns = sql.SQL(", ").join(sql.Identifier(c) for c in arrow.column_names)
     if arrow.num_rows == 0:
-        return CopyPayload(table, sql.SQL(""), [], 0, count)
+        return CopyPayload(table, columns, "csv", [], 0, count)
     if types is not None:
         chunks = binary_copy_chunks(arrow, [types.get(c, "") for c in arrow.column_names])
         if chunks is not None:
-            statement = sql.SQL("copy {} ({}) from stdin (format binary)").format(qualified(table), columns)
-            return CopyPayload(table, statement, [memoryview(c).cast("B") for c in chunks], arrow.num_rows, count)
+            return CopyPayload(table, columns, "binary", [memoryview(c).cast("B") for c in chunks], arrow.num_rows,
+                               count)
     # pyarrow's CSV writer emits garbage for a column whose chunks start with an empty one (see copy_in)
     arrow = pa.Table.from_batches([b for b in arrow.to_batches() if b.num_rows], schema=arrow.schema)
     buffer = io.BytesIO()
     pacsv.write_csv(arrow, buffer, pacsv.WriteOptions(include_header=False, quoting_style="needed"))
-    statement = sql.SQL("copy {} ({}) from stdin (format csv)").format(qualified(table), columns)
-    return CopyPayload(table, statement, [buffer.getbuffer()], arrow.num_rows, count)
+    return CopyPayload(table, columns, "csv", [buffer.getbuffer()], arrow.num_rows, count)
 
 
-def send_copy(conn: psycopg.Connection, payload: CopyPayload) -> int:
-    """Stream an encoded payload: the thread doing this only waits on the socket while the server parses."""
+def send_copy(conn: psycopg.Connection, payload: CopyPayload, *, freeze: bool = False) -> int:
+    """Stream an encoded payload: the thread doing this only waits on the socket while the server parses.
+    ``freeze``: the table was truncated in this transaction (see :meth:`Batch.claim`)."""
     if payload.rows == 0:
         return 0
-    with conn.cursor() as cur, cur.copy(payload.statement) as copy:
+    with conn.cursor() as cur, cur.copy(payload.statement(freeze=freeze)) as copy:
         for view in payload.buffers:
             for start in range(0, len(view), _SEND_SLICE):
                 copy.write(view[start : start + _SEND_SLICE])
@@ -123,6 +127,7 @@ class Batch:
     def __init__(self, conn: psycopg.Connection, report: LoadReport):
         self.conn = conn
         self.report = report
+        self._emptied: dict[str, bool] = {}  # table -> truncated by this batch (see claim)
 
     @property
     def batch_id(self) -> int:
@@ -135,7 +140,7 @@ class Batch:
             frame = frame.append_column("_batch_id", pa.array(np.full(frame.num_rows, self.batch_id, np.int64)))
         else:
             frame = frame.assign(_batch_id=self.batch_id)
-        n = copy_in(self.conn, table, frame, binary=binary)
+        n = copy_in(self.conn, table, frame, binary=binary, freeze=self.claim(table))
         self.report.rows_loaded[table] = self.report.rows_loaded.get(table, 0) + n
         return n
 
@@ -148,10 +153,20 @@ class Batch:
 
     def send(self, payload: CopyPayload) -> int:
         """Stream a payload from :meth:`encode` inside this batch's transaction."""
-        n = send_copy(self.conn, payload)
+        n = send_copy(self.conn, payload, freeze=self.claim(payload.table))
         if payload.count:
             self.report.rows_loaded[payload.table] = self.report.rows_loaded.get(payload.table, 0) + n
         return n
+
+    def claim(self, table: str) -> bool:
+        """Whether this batch's COPYs into ``table`` may freeze their rows: on the batch's first write to a
+        table, an empty one is truncated in the batch's transaction (``audit.crm_truncate_if_empty``: the rows
+        are then written frozen, and without WAL at ``wal_level = minimal``). A table that holds rows, the
+        usual night, is written as before."""
+        if table not in self._emptied:
+            self._emptied[table] = bool(self.conn.execute(
+                "select audit.crm_truncate_if_empty(%s::regclass)", [table]).fetchone()[0])
+        return self._emptied[table]
 
     def quarantine(self, rejected: pd.DataFrame) -> int:
         """Keep lines that could not be loaded, with their raw text and the reason."""

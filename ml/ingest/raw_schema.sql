@@ -139,3 +139,40 @@ create table if not exists audit.planted_bundles (
     lift         double precision,
     primary key (batch_id, bundle_id)
 );
+
+-- A batch's first write into an empty table (the first load of a warehouse's history, by far its largest)
+-- truncates it first: COPY into a table truncated in its own transaction can freeze its rows (no hint-bit
+-- rewrite of every page when dbt first reads them, no anti-wraparound vacuum later) and, at wal_level
+-- minimal (the embedded server), skips the WAL: the table is synced once at commit instead. A rollback
+-- restores the (empty) table. Security definer so the loader role, which may only insert, can do this and
+-- nothing more: only tables it loads, only when they hold no row, only under read committed (a later
+-- snapshot would not see rows committed since the transaction began).
+create or replace function audit.crm_truncate_if_empty(target regclass) returns boolean
+language plpgsql security definer set search_path = pg_catalog, pg_temp
+as $$
+declare
+    has_rows boolean;
+begin
+    if not exists (select 1 from pg_class c join pg_namespace n on n.oid = c.relnamespace
+                   where c.oid = target and c.relkind = 'r'
+                     and (n.nspname = 'raw' or (n.nspname, c.relname) = ('audit', 'planted_customers'))) then
+        raise exception 'crm_truncate_if_empty: % is not a raw table', target;
+    end if;
+    if current_setting('transaction_isolation') <> 'read committed' then
+        return false;
+    end if;
+    execute format('select exists (select from %s)', target) into has_rows;
+    if has_rows then  -- the usual night: rows are there, no lock taken
+        return false;
+    end if;
+    -- empty so far: lock out other loads, then look again (one may have committed rows meanwhile)
+    execute format('lock table %s in access exclusive mode', target);
+    execute format('select exists (select from %s)', target) into has_rows;
+    if has_rows then
+        return false;
+    end if;
+    execute format('truncate %s', target);
+    return true;
+end
+$$;
+revoke all on function audit.crm_truncate_if_empty(regclass) from public;
