@@ -165,7 +165,8 @@ begin
     if has_rows then  -- the usual night: rows are there, no lock taken
         return false;
     end if;
-    -- empty so far: lock out other loads, then look again (one may have committed rows meanwhile)
+    -- empty so far: lock out other loads, then look again (one may have committed rows meanwhile); readers of
+    -- the table wait for this batch's commit, which only a first load ever makes them do
     execute format('lock table %s in access exclusive mode', target);
     execute format('select exists (select from %s)', target) into has_rows;
     if has_rows then
