@@ -293,3 +293,22 @@ def test_the_first_load_into_empty_tables_writes_them_anew_and_later_loads_appen
     assert after_second == after_first
     assert lines == [(first.batch_id, first.rows_loaded["raw.order_lines"]),
                      (second.batch_id, second.rows_loaded["raw.order_lines"])]
+
+
+def test_two_first_loads_at_once_never_wait_for_each_other(warehouse):
+    """One batch at a time truncates (the other appends), and the one that does never waits for the other:
+    two first loads each holding a truncated table the other writes next would deadlock."""
+    with connect(warehouse) as a, connect(warehouse) as b:
+        for conn in (a, b):
+            conn.execute("set lock_timeout = '5s'")  # a wait would fail the test, not hang it
+        assert a.execute("select audit.crm_truncate_if_empty('raw.products')").fetchone()[0] is True
+        # b's first write into another empty table while a holds a truncation: no truncate, no wait
+        assert b.execute("select audit.crm_truncate_if_empty('raw.customers')").fetchone()[0] is False
+        b.execute("insert into raw.customers (customer_id, _batch_id) values ('from-b', -2)")
+        # a then reaches the table b writes (b's row is not committed, so it looks empty): a appends
+        assert a.execute("select audit.crm_truncate_if_empty('raw.customers')").fetchone()[0] is False
+        a.execute("insert into raw.customers (customer_id, _batch_id) values ('from-a', -1)")
+        a.commit()
+        b.commit()
+        rows = a.execute("select customer_id from raw.customers order by 1").fetchall()
+    assert rows == [("from-a",), ("from-b",)]

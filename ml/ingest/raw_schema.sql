@@ -165,10 +165,19 @@ begin
     if has_rows then  -- the usual night: rows are there, no lock taken
         return false;
     end if;
-    -- empty so far: lock out other loads, then look again (one may have committed rows meanwhile); readers of
-    -- the table wait for this batch's commit, which only a first load ever makes them do
-    execute format('lock table %s in access exclusive mode', target);
-    execute format('select exists (select from %s)', target) into has_rows;
+    -- Empty so far. The truncate's lock keeps every other writer of the table waiting until this batch commits,
+    -- so one batch at a time may hold such locks (a transaction-level advisory lock, not waited for), and it
+    -- never waits for another batch's lock (nowait): two first loads, each holding a table the other wants
+    -- next, would deadlock. Readers of the table wait for this batch's commit too, only on a first load.
+    if not pg_try_advisory_xact_lock(hashtext('crm_truncate_if_empty')) then
+        return false;
+    end if;
+    begin
+        execute format('lock table %s in access exclusive mode nowait', target);
+    exception when lock_not_available then  -- another batch is writing it: append as usual
+        return false;
+    end;
+    execute format('select exists (select from %s)', target) into has_rows;  -- rows committed meanwhile?
     if has_rows then
         return false;
     end if;
