@@ -140,7 +140,7 @@ class Batch:
             frame = frame.append_column("_batch_id", pa.array(np.full(frame.num_rows, self.batch_id, np.int64)))
         else:
             frame = frame.assign(_batch_id=self.batch_id)
-        n = copy_in(self.conn, table, frame, binary=binary, freeze=self.claim(table))
+        n = copy_in(self.conn, table, frame, binary=binary, freeze=len(frame) > 0 and self.claim(table))
         self.report.rows_loaded[table] = self.report.rows_loaded.get(table, 0) + n
         return n
 
@@ -153,7 +153,7 @@ class Batch:
 
     def send(self, payload: CopyPayload) -> int:
         """Stream a payload from :meth:`encode` inside this batch's transaction."""
-        n = send_copy(self.conn, payload, freeze=self.claim(payload.table))
+        n = send_copy(self.conn, payload, freeze=payload.rows > 0 and self.claim(payload.table))
         if payload.count:
             self.report.rows_loaded[payload.table] = self.report.rows_loaded.get(payload.table, 0) + n
         return n
@@ -162,7 +162,8 @@ class Batch:
         """Whether this batch's COPYs into ``table`` may freeze their rows: on the batch's first write to a
         table, an empty one is truncated in the batch's transaction (``audit.crm_truncate_if_empty``: the rows
         are then written frozen, and without WAL at ``wal_level = minimal``). A table that holds rows, the
-        usual night, is written as before."""
+        usual night, or that another batch is emptying or writing, is written as before. Only asked when rows
+        are about to be written: a batch that writes none to a table neither empties nor locks it."""
         if table not in self._emptied:
             self._emptied[table] = bool(self.conn.execute(
                 "select audit.crm_truncate_if_empty(%s::regclass)", [table]).fetchone()[0])
