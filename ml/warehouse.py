@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import time
 import warnings
@@ -260,6 +261,14 @@ def copy_statement(table: str, columns: sql.Composable, fmt: str, *, freeze: boo
     return sql.SQL("copy {} ({}) from stdin (format {}{})").format(qualified(table), columns, sql.SQL(fmt), options)
 
 
+def table_column_types(conn: psycopg.Connection, table: str) -> dict[str, str]:
+    """Each column's type as ``format_type`` spells it with its modifier (``numeric(14,4)``, ``text``):
+    what :func:`binary_copy_chunks` matches a frame's columns against."""
+    return dict(conn.execute(
+        "select attname, format_type(atttypid, atttypmod) from pg_attribute "
+        "where attrelid = %s::regclass and attnum > 0 and not attisdropped", [table]).fetchall())
+
+
 def copy_in(
     conn: psycopg.Connection, table: str, frame: pd.DataFrame | pa.Table, *, binary: bool = False,
     freeze: bool = False,
@@ -268,7 +277,8 @@ def copy_in(
 
     The frame is written as CSV by Arrow's C++ writer, so nothing loops over rows in Python. With ``binary``
     it goes in PostgreSQL's binary format instead when every column has an exact binary form here (text,
-    integers, doubles, booleans, dates, timestamps) and few row layouts (see :func:`binary_copy_chunks`); otherwise still as CSV.
+    integers, doubles, booleans, dates, timestamps, doubles into a ``numeric(p,s)`` that holds them exactly)
+    and few row layouts (see :func:`binary_copy_chunks`); otherwise still as CSV.
     ``freeze``: see :func:`copy_statement`.
     """
     arrow = frame if isinstance(frame, pa.Table) else pa.Table.from_pandas(frame, preserve_index=False)
@@ -276,9 +286,7 @@ def copy_in(
         return 0
     columns = sql.SQL(", ").join(sql.Identifier(c) for c in arrow.column_names)
     if binary:
-        types = dict(conn.execute(
-            "select attname, format_type(atttypid, null) from pg_attribute "
-            "where attrelid = %s::regclass and attnum > 0 and not attisdropped", [table]).fetchall())
+        types = table_column_types(conn, table)
         chunks = binary_copy_chunks(arrow, [types.get(c, "") for c in arrow.column_names])
         if chunks is not None:
             with conn.cursor() as cur, cur.copy(copy_statement(table, columns, "binary", freeze=freeze)) as copy:
@@ -313,6 +321,7 @@ _UNIT_US = {"s": 1_000_000, "ms": 1_000, "us": 1}
 # A text column is encoded either as fixed-width values (ids) or from a small vocabulary (statuses).
 _MAX_VOCABULARY = 64
 _MAX_ROW_LAYOUTS = 256
+_NUMERIC = re.compile(r"numeric\((\d+),(\d+)\)")
 
 
 def _binary_columns(arrow: pa.Table, pg_types: list[str]) -> list[tuple] | None:
@@ -330,7 +339,8 @@ def _binary_columns(arrow: pa.Table, pg_types: list[str]) -> list[tuple] | None:
                     and kind.unit in _UNIT_US)
                 or (pg_type == "double precision" and kind == pa.float64())
                 or (pg_type == "boolean" and kind == pa.bool_())
-                or (pg_type == "date" and kind == pa.date32())):
+                or (pg_type == "date" and kind == pa.date32())
+                or (_NUMERIC.fullmatch(pg_type) and kind == pa.float64())):
             return None
     out = []
     for column, pg_type in zip(arrow.columns, pg_types, strict=True):
@@ -366,6 +376,10 @@ def _binary_columns(arrow: pa.Table, pg_types: list[str]) -> list[tuple] | None:
             matrix = (values * _UNIT_US[kind.unit] - _PG_EPOCH_US).astype(">i8")
         elif pg_type == "double precision":  # IEEE 754 as is: bit-exact, like Arrow's shortest CSV text
             matrix = col.fill_null(0.0).to_numpy(zero_copy_only=False).astype(">f8")
+        elif pg_type.startswith("numeric"):
+            matrix = _numeric_matrix(col, pg_type)
+            if matrix is None:
+                return None
         elif pg_type == "boolean":
             matrix = col.fill_null(False).to_numpy(zero_copy_only=False).astype(np.uint8)
         elif pg_type == "date":  # days since 2000-01-01
@@ -375,6 +389,40 @@ def _binary_columns(arrow: pa.Table, pg_types: list[str]) -> list[tuple] | None:
         codes = None if valid is None else valid.astype(np.int32)
         out.append((codes, 2, (matrix.view(np.uint8).reshape(n, -1), None)))
     return out
+
+
+def _numeric_matrix(col: pa.Array, pg_type: str) -> np.ndarray | None:
+    """Doubles as ``numeric(p,s)`` fields of one width, or None when a value has no exact form there.
+
+    Exact means what CSV stores: a double equal to the one nearest ``k / 10**s`` for an integer ``k`` below
+    ``10**15`` is spelled ``k / 10**s`` by Arrow's shortest round-trip text (two decimals of at most 15
+    digits never share a double), so the binary field says ``k / 10**s`` too. A value needing more
+    decimals than the column keeps (which the server would round), NaN or infinity, or a value wider than
+    the column (an overflow the server must report) goes as CSV. Every field has the same number of
+    base-10000 digits: the server strips leading and trailing zero digits when it stores the value.
+    """
+    precision, scale = map(int, _NUMERIC.fullmatch(pg_type).groups())
+    values = col.fill_null(0.0).to_numpy(zero_copy_only=False)
+    magnitude = np.abs(values)
+    units = np.rint(magnitude * 10.0**scale)
+    limit = 10.0 ** min(precision, 15)
+    if scale > 15 or not (np.isfinite(values).all() and (units < limit).all()
+                          and (units / 10.0**scale == magnitude).all()):
+        return None
+    fraction_digits = -(-scale // 4)  # base-10000 digits after the point
+    units = units.astype(np.int64) * 10 ** (4 * fraction_digits - scale)
+    n_digits, largest = fraction_digits + 1, int(units.max(initial=0))
+    while 10_000**n_digits <= largest:
+        n_digits += 1
+    field = np.empty((len(values), 4 + n_digits), ">i2")
+    field[:, 0] = n_digits
+    field[:, 1] = n_digits - fraction_digits - 1  # weight of the first digit
+    field[:, 2] = np.where(values < 0, 0x4000, 0)  # sign
+    field[:, 3] = scale  # display scale
+    for position in range(3 + n_digits, 3, -1):
+        field[:, position] = units % 10_000
+        units //= 10_000
+    return field
 
 
 def binary_copy_chunks(arrow: pa.Table, pg_types: list[str]) -> list | None:

@@ -2,6 +2,7 @@
 
 from datetime import date, datetime
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -9,7 +10,16 @@ import pytest
 
 from ml.config import Settings
 from ml.errors import WarehouseUnavailable
-from ml.warehouse import binary_copy_chunks, connect, copy_in, copy_out, read_frame, read_table, table_counts
+from ml.warehouse import (
+    binary_copy_chunks,
+    connect,
+    copy_in,
+    copy_out,
+    read_frame,
+    read_table,
+    table_column_types,
+    table_counts,
+)
 
 
 def test_schemas_and_raw_tables_exist(warehouse):
@@ -109,6 +119,44 @@ def test_binary_copy_loads_the_same_rows_as_csv(warehouse):
         query = "select f, b, d, i from raw.{} order by i nulls last"
         assert conn.execute(query.format("typed_bin")).fetchall() == conn.execute(query.format("typed_csv")).fetchall()
         assert conn.execute("select count(*) from raw.typed_bin where f = 0.1 and b and d = '1900-01-01'").fetchone() == (1,)
+
+
+def test_binary_numeric_stores_what_csv_stores(warehouse):
+    """Doubles into numeric(p,s) columns (the order lines' prices and discounts) go binary when each is exactly
+    a decimal of at most s places, and the server stores the same values with the same scale as from CSV."""
+    rng = np.random.default_rng(7)
+    prices = np.round(rng.lognormal(2, 3, 5_000) * rng.choice([-1, 1], 5_000), 2)
+    prices[:8] = [0.0, -0.0, 0.01, -0.01, 9_999_999_999.99, 1e-4, 1234.5678, 100.0]
+    discounts = rng.choice([0.0, 0.05, 0.1, 0.15, 0.25, 0.3333, 0.9999], 5_000)
+    lines = pa.table({
+        "order_id": pa.array([f"O{i:07d}" for i in range(5_000)]),
+        "line_no": pa.array(np.arange(5_000) % 7 + 1, pa.int32()),
+        "unit_price": pa.array(prices, pa.float64(), mask=np.arange(5_000) % 97 == 3),  # some nulls
+        "discount": pa.array(discounts, pa.float64()),
+        "_batch_id": pa.array(np.ones(5_000, np.int64)),
+    })
+    with connect(warehouse) as conn:
+        conn.execute("create table raw.lines_csv (like raw.order_lines including defaults)")
+        types = table_column_types(conn, "raw.order_lines")
+        assert types["unit_price"] == "numeric(14,4)"
+        assert binary_copy_chunks(lines, [types[c] for c in lines.column_names]) is not None
+        assert copy_in(conn, "raw.order_lines", lines, binary=True) == 5_000
+        assert copy_in(conn, "raw.lines_csv", lines) == 5_000
+        query = "select order_id, unit_price::text, discount::text from raw.{} order by order_id"
+        binary = conn.execute(query.format("order_lines")).fetchall()
+        assert binary == conn.execute(query.format("lines_csv")).fetchall()
+        assert [row[1] for row in binary[:8]] == ["0.0000", "0.0000", "0.0100", None, "9999999999.9900",
+                                                  "0.0001", "1234.5678", "100.0000"]
+
+        # No exact form: more decimals than the column keeps, NaN, wider than the column. CSV takes them,
+        # so the server rounds or refuses them as it always does.
+        for value, pg_type in [(0.12345, "numeric(14,4)"), (float("nan"), "numeric(14,4)"), (100.0, "numeric(6,4)")]:
+            assert binary_copy_chunks(pa.table({"x": pa.array([value])}), [pg_type]) is None
+        conn.execute("create table raw.narrow (x numeric(6,4))")
+        copy_in(conn, "raw.narrow", pa.table({"x": pa.array([0.12345])}), binary=True)
+        assert conn.execute("select x::text from raw.narrow").fetchall() == [("0.1235",)]
+        with pytest.raises(Exception, match="numeric field overflow"):
+            copy_in(conn, "raw.narrow", pa.table({"x": pa.array([100.0])}), binary=True)
 
 
 def test_binary_copy_falls_back_to_csv_where_it_has_no_exact_form(warehouse):

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 from psycopg import sql
 
-from ml.warehouse import binary_copy_chunks, copy_in, copy_statement
+from ml.warehouse import binary_copy_chunks, copy_in, copy_statement, table_column_types
 
 QUARANTINE_COLUMNS = ["line_no", "raw_text", "reason", "target_table"]
 
@@ -84,10 +84,7 @@ _SEND_SLICE = 4 << 20
 def column_types(conn: psycopg.Connection, tables: list[str]) -> dict[str, dict[str, str]]:
     """Each table's column types (``format_type``), queried once before streaming: a query on the batch's
     connection while a COPY is in flight would wait for it, serialising the producer behind the writer."""
-    return {table: dict(conn.execute(
-        "select attname, format_type(atttypid, null) from pg_attribute "
-        "where attrelid = %s::regclass and attnum > 0 and not attisdropped", [table]).fetchall())
-        for table in tables}
+    return {table: table_column_types(conn, table) for table in tables}
 
 
 def encode_copy(table: str, arrow: pa.Table, types: dict[str, str] | None, *, count: bool = True) -> CopyPayload:
