@@ -316,6 +316,7 @@ _CSV_SLICE_ROWS = 262_144
 # PostgreSQL's binary COPY: a fixed header, then per row a field count and (length, bytes) per field.
 _BINARY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
 _BINARY_TRAILER = b"\xff\xff"
+_NULL_FIELD = b"\xff\xff\xff\xff"  # length -1
 _PG_EPOCH_US = 946_684_800 * 1_000_000  # 2000-01-01 in microseconds since 1970
 _UNIT_US = {"s": 1_000_000, "ms": 1_000, "us": 1}
 # A text column is encoded either as fixed-width values (ids) or from a small vocabulary (statuses).
@@ -449,31 +450,43 @@ def binary_copy_chunks(arrow: pa.Table, pg_types: list[str]) -> list | None:
     present = np.flatnonzero(np.bincount(key, minlength=layouts))
     if present.size > _MAX_ROW_LAYOUTS:
         return None
-    count = np.array([len(columns)], ">i2").view(np.uint8)
+    count = len(columns).to_bytes(2, "big")
     chunks = [_BINARY_HEADER]
     for layout in present:
         rows = np.flatnonzero(key == layout) if present.size > 1 else slice(None)
         first = 0 if present.size == 1 else rows[0]
         size = arrow.num_rows if present.size == 1 else rows.size
-        parts = []  # per field: its bytes in this layout (a constant) or the row matrix and positions
+        # The layout's row, left to right: constant bytes (field count, lengths, nulls, vocabulary values),
+        # adjacent ones merged, and per-row values (a byte matrix and the rows to take from it).
+        pieces: list = [count]
         for codes, _, values in columns:
             code = 1 if codes is None else int(codes[first])
             if code == 0:
-                parts.append((-1, None))
+                constant = _NULL_FIELD
             elif isinstance(values, list):
-                parts.append((len(values[code]), np.frombuffer(values[code], np.uint8)))
+                constant = len(values[code]).to_bytes(4, "big") + values[code]
             else:
                 matrix, position = values
-                parts.append((matrix.shape[1], matrix[rows if position is None else position[rows]]))
-        block = np.empty((size, 2 + sum(4 + max(w, 0) for w, _ in parts)), np.uint8)
-        block[:, :2] = count
-        at = 2
-        for width, value in parts:
-            block[:, at : at + 4] = np.array([width], ">i4").view(np.uint8)
-            at += 4
-            if width > 0:
-                block[:, at : at + width] = value
-                at += width
+                constant = matrix.shape[1].to_bytes(4, "big")
+            if isinstance(pieces[-1], bytes):
+                pieces[-1] += constant
+            else:
+                pieces.append(constant)
+            if code != 0 and not isinstance(values, list):
+                pieces.append((matrix, rows if position is None else position[rows]))
+        widths = [len(p) if isinstance(p, bytes) else p[0].shape[1] for p in pieces]
+        block = np.empty((size, sum(widths)), np.uint8)
+        at = 0
+        for piece, width in zip(pieces, widths, strict=True):
+            # Each piece is written as one fixed-size item per row (a strided 1-D copy): filling a column
+            # slice of the uint8 block instead looped over rows for every 2- or 4-byte prefix.
+            target = np.ndarray((size,), f"V{width}", block, at, (block.shape[1],))
+            if isinstance(piece, bytes):
+                target[...] = np.void(piece)
+            elif width:
+                matrix, index = piece
+                target[...] = np.ascontiguousarray(matrix).view(f"V{width}").reshape(-1)[index]
+            at += width
         chunks.append(block)
     chunks.append(_BINARY_TRAILER)
     return chunks
