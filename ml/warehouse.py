@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import select
 import subprocess
 import time
 import warnings
@@ -21,7 +22,7 @@ import psycopg
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-from psycopg import sql
+from psycopg import pq, sql
 
 from ml.config import WAREHOUSE_SCHEMAS, Settings
 from ml.errors import CrmError, WarehouseUnavailable
@@ -499,10 +500,7 @@ def copy_out(conn: psycopg.Connection, query: str | sql.Composable) -> pa.Table:
     """
     inner = sql.SQL(query) if isinstance(query, str) else query
     statement = sql.SQL("copy ({}) to stdout (format csv, header true)").format(inner)
-    buffer = io.BytesIO()
-    with conn.cursor() as cur, cur.copy(statement) as copy:
-        for chunk in copy:
-            buffer.write(chunk)
+    buffer = _copy_out_bytes(conn, statement)
     if buffer.tell() == 0:
         return pa.table({})
     buffer.seek(0)
@@ -513,6 +511,43 @@ def copy_out(conn: psycopg.Connection, query: str | sql.Composable) -> pa.Table:
             true_values=["t", "true"],
             false_values=["f", "false"],
         ))
+
+
+def _copy_out_bytes(conn: psycopg.Connection, statement: sql.Composable) -> io.BytesIO:
+    """Everything a ``COPY ... TO STDOUT`` sends, in one buffer.
+
+    The server sends a message per row, and psycopg's ``Copy`` iteration costs a generator and a wait per
+    message: 1.9 CPU µs a row, the client's half of reading 9.7M basket lines. Here psycopg sends the
+    statement and cleans up after an error; the rows are drained through its documented libpq wrapper
+    (``Connection.pgconn``), a C call per row while data is buffered and a wait only when none is.
+    """
+    buffer = io.BytesIO()
+    write = buffer.write
+    with conn.cursor() as cur, cur.copy(statement):
+        pgconn = conn.pgconn
+        poller = select.poll()
+        poller.register(pgconn.socket, select.POLLIN)
+        while True:
+            nbytes, data = pgconn.get_copy_data(1)  # async: 0 = nothing buffered yet
+            if nbytes > 0:
+                write(data)
+            elif nbytes == 0:
+                poller.poll()
+                pgconn.consume_input()
+            else:  # -1: the data ended; the statement's result (or error) follows
+                break
+        error = None
+        while True:
+            while pgconn.is_busy():
+                poller.poll()
+                pgconn.consume_input()
+            if (result := pgconn.get_result()) is None:
+                break
+            if result.status != pq.ExecStatus.COMMAND_OK and error is None:
+                error = psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
+        if error is not None:
+            raise error
+    return buffer
 
 
 def read_frame(conn: psycopg.Connection, query: str | sql.Composable) -> pd.DataFrame:

@@ -4,6 +4,7 @@ from datetime import date, datetime
 
 import numpy as np
 import pandas as pd
+import psycopg
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
@@ -60,6 +61,20 @@ def test_read_frame_converts_as_arrow_does_while_freeing_the_table(warehouse):
         frame = read_frame(conn, query)
     pd.testing.assert_frame_equal(frame, plain)
     assert frame["flag"].dtype == bool and frame["day"].isna().sum() == 500
+
+
+def test_copy_out_reads_every_row_and_reports_an_error_raised_midway(warehouse):
+    """copy_out drains the rows itself: a large result arrives whole and in order, an error the server raises
+    after sending rows is the server's error, and the connection is usable after the rollback."""
+    with connect(warehouse) as conn:
+        big = copy_out(conn, "select g, repeat('x', g % 50) as pad from generate_series(1, 300000) as g order by g")
+        assert big.num_rows == 300_000 and big.column("g").to_pylist() == list(range(1, 300_001))
+        assert big.column("pad").to_pylist()[-1] == "x" * (300_000 % 50)
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            copy_out(conn, "select 1 / (200000 - g) as x from generate_series(1, 300000) as g")
+        conn.rollback()
+        assert copy_out(conn, "select 2 as two").column("two").to_pylist() == [2]
+        assert conn.execute("select 3").fetchone() == (3,)
 
 
 def _web_events(customer_ids, sessions, kinds, products, times) -> pa.Table:
