@@ -25,6 +25,7 @@ INCREMENTAL_KEYS = {
     "staging.int_orders_validated": ["order_id"],
     "staging.int_order_lines_enriched": ["order_id", "line_no"],
     "staging.int_orders_enriched": ["order_id"],
+    "staging.int_rows_rejected": ["entity", "record_key", "reason"],
     **FACT_KEYS,
     "marts.customer_features": ["customer_id"],
     "marts.clv_training_set": ["customer_id", "snapshot"],
@@ -85,6 +86,7 @@ def test_incremental_build_equals_full_refresh(warehouse):
         orders=[
             ("o20", "c7", "2024-03-25 09:00", "completed", 3, LOADED_3),  # a new order
             ("o4", "c2", "2024-02-01 10:00", "completed", 3, LOADED_3),  # re-delivered duplicate
+            ("o99", "c7", "2024-03-26 09:00", "completed", 3, LOADED_3),  # the orphan line's order, at last
         ],
         lines=[
             ("o20", 1, "P3", 3, 5.0, 3, LOADED_3),
@@ -117,7 +119,10 @@ def test_incremental_build_equals_full_refresh(warehouse):
     assert len(inc_lines[inc_lines["order_id"] == "o1"]) == 3
     o2 = inc_orders.set_index("order_id").loc["o2"]
     assert o2["gross_revenue"] == 28  # 5 spoons + postage
-    assert len(inc_lines) == len(before) + 1 + 1 - 1  # o20, o1's late line, minus o9's line
+    assert len(inc_lines) == len(before) + 1 + 1 + 1 - 1  # o20, o1's late line, o99's line, minus o9's line
+    rejected = inc_all["staging.int_rows_rejected"]
+    assert not ((rejected["record_key"] == "o99|1") & (rejected["reason"] == "orphan_line_without_order")).any()
+    assert ((rejected["record_key"] == "o4") & (rejected["reason"] == "exact_duplicate")).any()
     baskets = set(inc_all["marts.basket_lines"]["basket_id"])
     assert "o20" in baskets and "o12" not in baskets and "o9" not in baskets
 
