@@ -527,20 +527,23 @@ def _copy_out_bytes(conn: psycopg.Connection, statement: sql.Composable) -> io.B
         pgconn = conn.pgconn
         poller = select.poll()
         poller.register(pgconn.socket, select.POLLIN)
+
+        def receive() -> None:  # block until the socket has data, then buffer it
+            poller.poll()
+            pgconn.consume_input()
+
         while True:
             nbytes, data = pgconn.get_copy_data(1)  # async: 0 = nothing buffered yet
             if nbytes > 0:
                 write(data)
             elif nbytes == 0:
-                poller.poll()
-                pgconn.consume_input()
+                receive()
             else:  # -1: the data ended; the statement's result (or error) follows
                 break
         error = None
         while True:
             while pgconn.is_busy():
-                poller.poll()
-                pgconn.consume_input()
+                receive()
             if (result := pgconn.get_result()) is None:
                 break
             if result.status != pq.ExecStatus.COMMAND_OK and error is None:

@@ -20,21 +20,7 @@
 {%- if is_incremental() %}
 {%- set watermark = delivery_watermark('_source_loaded_at') %}
 {%- endif %}
-{%- set staged = [
-    ('customers', 'stg_crm__customers', "customer_id"),
-    ('products', 'stg_crm__products', "product_id"),
-    ('orders', 'stg_crm__orders', "order_id"),
-    ('order_lines', 'stg_crm__order_lines', "order_id || '|' || line_no"),
-    ('web_events', 'stg_crm__web_events', "concat_ws('|', customer_id, session_id, event_type, event_at)"),
-] %}
-{#- In an incremental run, which staged rows belong to touched records (see rows_rejected_touched). -#}
-{%- set touched = {
-    'customers': "_loaded_at > " ~ watermark,
-    'products': "_loaded_at > " ~ watermark,
-    'orders': "order_id in (select order_id from " ~ ref('int_orders_validated') ~ " where _source_loaded_at > " ~ watermark ~ ")",
-    'order_lines': "(order_id, line_no) in (select order_id, line_no from touched_lines)",
-    'web_events': "_loaded_at > " ~ watermark,
-} if is_incremental() else {} %}
+{%- set staged = rows_rejected_entities() %}
 {%- set keys = {
     'customers': "nullif(regexp_replace(trim(customer_id), '\\.0+$', ''), '') is null",
     'products': "nullif(trim(product_id), '') is null",
@@ -44,12 +30,6 @@
 } %}
 with
 
-{% if is_incremental() -%}
-touched_lines as (
-    {{ rows_rejected_touched_lines(watermark) }}
-),
-
-{% endif -%}
 {% for entity, model, key in staged -%}
 {{ entity }}_duplicates as (
     -- one pass over the staged table for both counts (it has a row per key: 11M order lines at 1M customers)
@@ -69,7 +49,7 @@ touched_lines as (
     where (_n_exact_duplicates > 0 or _n_superseded > 0)
       and dropped.n_rows > 0
       {%- if is_incremental() %}
-      and {{ touched[entity] }}
+      and {{ rows_rejected_touched_filter(entity, watermark) }}
       {%- endif %}
 ),
 
@@ -109,7 +89,7 @@ customer_flags as (
     ) as flag (reason, action, applies)
     where flag.applies
       {%- if is_incremental() %}
-      and {{ touched['customers'] }}
+      and {{ rows_rejected_touched_filter('customers', watermark) }}
       {%- endif %}
 ),
 
@@ -131,7 +111,7 @@ order_flags as (
     ) as flag (reason, action, applies)
     where flag.applies
       {%- if is_incremental() %}
-      and _source_loaded_at > {{ watermark }}
+      and {{ rows_rejected_touched_filter('orders', watermark) }}
       {%- endif %}
 ),
 
@@ -161,7 +141,7 @@ line_flags as (
     from {{ ref('int_order_lines_enriched') }}
     where exclusion_reason in ('missing_product', 'missing_quantity_or_price', 'negative_price')
       {%- if is_incremental() %}
-      and {{ touched['order_lines'] }}
+      and {{ rows_rejected_touched_filter('order_lines', watermark) }}
       {%- endif %}
 ),
 
@@ -178,7 +158,7 @@ orphan_lines as (
         on order_lines.order_id = orders.order_id
     where orders.order_id is null
       {%- if is_incremental() %}
-      and (order_lines.order_id, order_lines.line_no) in (select order_id, line_no from touched_lines)
+      and {{ rows_rejected_touched_filter('order_lines', watermark, 'order_lines') }}
       {%- endif %}
 ),
 
