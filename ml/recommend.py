@@ -471,18 +471,22 @@ class BaseRecommender(BaseEstimator):
                 model._cache = None
 
     def _rank(self, ids, history, recent, rows, n, exclude_purchased, explain) -> pd.DataFrame:
-        scores = np.asarray(self._scores(history, recent, rows), dtype=np.float64)
+        # our own float64 copy (the scores may be a component's broadcast row or memo), changed in place below:
+        # a chunk-sized array is allocated once, not once per step
+        scores = np.array(self._scores(history, recent, rows), dtype=np.float64)
         raw_positive = scores > 0
         # ties and empty rows fall back to popularity: a tiny, strictly smaller tie-breaker
         pop = self._popularity_scores()
-        scores = scores + 1e-9 * pop / max(pop.max(), 1.0)
+        scores += 1e-9 * pop / max(pop.max(), 1.0)
         if exclude_purchased:
             r, c = history.nonzero()
             scores[r, c] = -np.inf
         n_eff = min(n, scores.shape[1])
         # negated, as before: argpartition's choice among tied items (equal popularity) feeds the learned blend
-        picks = np.argpartition(-scores, n_eff - 1, axis=1)[:, :n_eff]
-        picked = np.take_along_axis(scores, picks, axis=1)
+        negated = np.negative(scores, out=scores)
+        picks = np.argpartition(negated, n_eff - 1, axis=1)[:, :n_eff]
+        picked = -np.take_along_axis(negated, picks, axis=1)
+        del scores, negated
         order = np.argsort(-picked, axis=1, kind="stable")
         picks = np.take_along_axis(picks, order, axis=1)
         picked = np.take_along_axis(picked, order, axis=1)
@@ -891,10 +895,13 @@ class UserKNNRecommender(BaseRecommender):
         else:
             bought = np.asarray(self.pool_bought_[neighbour, picks.ravel()[pair_id]]).ravel()
         got = np.bincount(pair_id, weights=bought, minlength=len(pair_row)).astype(np.int64)
-        n_nb = per_row[pair_row]
-        text = ("bought by " + pd.Series(got).astype("str") + " of the " + pd.Series(n_nb).astype("str")
-                + " customers with the most similar purchases")
-        return text.to_numpy(dtype=object).reshape(picks.shape)
+        n_nb = per_row[pair_row].astype(np.int64)
+        # one sentence per distinct (got, neighbours) pair (at most (k + 1)^2), looked up: not one per pick
+        base = int(n_nb.max(initial=0)) + 1
+        distinct, inverse = np.unique(got * base + n_nb, return_inverse=True)
+        sentences = np.array([f"bought by {c // base} of the {c % base} customers with the most similar purchases"
+                              for c in distinct.tolist()], dtype=object)
+        return sentences[inverse].reshape(picks.shape)
 
 
 class ContentRecommender(BaseRecommender):
@@ -1213,7 +1220,8 @@ class HybridRecommender(BaseRecommender):
         """Weighted sum of the components' max-scaled scores, float32, each component on the rows that use it.
 
         A component whose weight is 0 for some rows of the chunk (content for warm customers, say) is
-        scored on the other rows only; ``_reasons`` asks it about the same rows (its memo stays valid).
+        scored on the other rows only, and its part is kept for those rows only (``subsets``: no chunk-sized
+        copy that is zero elsewhere); ``_reasons`` asks it about the same rows (its memo stays valid).
         """
         n_rows = history.shape[0]
         total = np.zeros((n_rows, len(self.items_)), dtype=np.float32)
@@ -1228,25 +1236,34 @@ class HybridRecommender(BaseRecommender):
                                           recent if sub is None else recent[sub])
             comp_rows = self._component_rows(comp, rows if rows is None or sub is None else np.asarray(rows)[sub])
             raw = np.asarray(comp._scores(h, r, comp_rows))
-            if self.__dict__.get("same_items_", {}).get(k):
-                s = np.maximum(raw, 0, dtype=np.float32)
-            else:
-                cols = self.item_maps_[k]
-                s = np.zeros((raw.shape[0], len(self.items_)), dtype=np.float32)
-                ok = cols >= 0
-                s[:, ok] = np.maximum(raw[:, cols[ok]], 0)
+            # a component scoring every customer alike (popularity) returns one row broadcast over the chunk:
+            # clipped and maximised once, not per row (the same float32 values)
+            alike = raw.ndim == 2 and raw.shape[0] > 1 and raw.strides[0] == 0
+            s = self._clipped(k, raw[:1] if alike else raw)
             del raw
             top = s.max(axis=1)  # scaled per row to a best score of 1, then weighted
-            s *= (w[used] / np.where(top > 0, top, 1.0).astype(np.float32))[:, None]
-            if sub is None:
-                part = s
+            scale = (w[used] / np.where(top > 0, top, 1.0).astype(np.float32))[:, None]
+            if alike:
+                s = s * scale
             else:
-                part = np.zeros_like(total)
-                part[sub] = s
-            parts[k], subsets[k] = part, sub
-            total += part
+                s *= scale
+            if sub is None:
+                total += s
+            else:
+                total[sub] += s
+            parts[k], subsets[k] = s, sub
         self._cache["subsets"] = subsets
         return total, parts
+
+    def _clipped(self, k, raw: np.ndarray) -> np.ndarray:
+        """A component's scores as float32 in the hybrid's item columns, negatives as 0."""
+        if self.__dict__.get("same_items_", {}).get(k):
+            return np.maximum(raw, 0, dtype=np.float32)
+        cols = self.item_maps_[k]
+        s = np.zeros((raw.shape[0], len(self.items_)), dtype=np.float32)
+        ok = cols >= 0
+        s[:, ok] = np.maximum(raw[:, cols[ok]], 0)
+        return s
 
     def _row_weights(self, history):
         cache = self._cache or {}
@@ -1270,7 +1287,7 @@ class HybridRecommender(BaseRecommender):
         _, parts = self._blended(history, recent, rows)
         subsets = self._cache.get("subsets", {})
         names = list(parts)
-        stacked = np.stack([np.take_along_axis(parts[k], picks, axis=1) for k in names])
+        stacked = np.stack([_picked_part(parts[k], subsets.get(k), picks) for k in names])
         best = stacked.argmax(axis=0)
         out = np.empty(picks.shape, dtype=object)
         for m, k in enumerate(names):
@@ -1295,6 +1312,15 @@ class HybridRecommender(BaseRecommender):
                 block[w_sub] = reasons[w_sub]
                 out[sub] = block
         return out
+
+
+def _picked_part(part: np.ndarray, sub: np.ndarray | None, picks: np.ndarray) -> np.ndarray:
+    """A blend part's values at the picks of every row of the chunk (0 on rows the part did not score)."""
+    if sub is None:
+        return np.take_along_axis(part, picks, axis=1)
+    out = np.zeros(picks.shape, dtype=part.dtype)
+    out[sub] = np.take_along_axis(part, picks[sub], axis=1)
+    return out
 
 
 def _completion_baskets(hidden: pd.DataFrame, max_baskets: int, random_state: int) -> pd.DataFrame:
