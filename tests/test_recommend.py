@@ -221,6 +221,29 @@ def test_holdout_hides_the_last_order_and_keeps_only_new_items():
     assert set(history["basket_id"]) == {"o1", "o3", "o4"}
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_holdout_last_order_is_the_latest_then_the_greatest_basket_id(seed):
+    """The hidden order is found on integer codes; against the definition written as a sort of the orders:
+    dated by their earliest line, NaT latest, the greatest basket id among equally dated ones."""
+    rng = np.random.default_rng(seed)
+    n = 500
+    lines = pd.DataFrame({
+        "customer_id": rng.choice(list("abcdefgh"), n),
+        "basket_id": rng.choice([f"o{i}" for i in range(80)], n),  # some baskets shared between customers
+        "product_id": rng.choice([f"p{i}" for i in range(40)], n),
+        # few distinct dates: many orders of one customer are equally dated
+        "ordered_at": pd.Timestamp("2024-01-01") + pd.to_timedelta(rng.integers(0, 4, n), unit="D"),
+    })
+    lines.loc[rng.random(n) < 0.1, "ordered_at"] = pd.NaT
+    orders = (lines.groupby(["customer_id", "basket_id"], as_index=False)["ordered_at"].min()
+              .sort_values(["customer_id", "ordered_at", "basket_id"], na_position="last"))
+    repeat = orders.groupby("customer_id")["basket_id"].transform("size") >= 2
+    last = orders[repeat].drop_duplicates("customer_id", keep="last")
+    history, _ = holdout_last_order(lines)
+    hidden = set(lines["basket_id"]) - set(history["basket_id"])
+    assert hidden == set(last["basket_id"])
+    assert len(last) > 0 and lines["customer_id"].nunique() == 8
+
 def test_online_retail_protocol_popularity_baseline(full):
     lines, products = full
     m = evaluate_recommender(PopularityRecommender(), lines, products=products)
