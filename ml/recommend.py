@@ -243,13 +243,14 @@ class BaseRecommender(BaseEstimator):
 
     def _recent_baskets(self, lines, rows, cols, shape) -> sp.csr_matrix:
         """Binary customer x item matrix of each customer's last ``n_recent_baskets`` baskets."""
-        # integer work only: basket codes, one lexsort by (customer, time, basket), rank from each end
-        codes, uniques = pd.factorize(lines["basket_id"])
+        # integer work only: basket codes in basket id order (sorted once, by Arrow, not as 3M+ Python strings),
+        # one lexsort by (customer, time, basket), rank from each end
+        codes, uniques = pd.factorize(lines["basket_id"], sort=True)
         first = np.full(len(uniques), -1, dtype=np.int64)
         first[codes[::-1]] = np.arange(len(codes))[::-1]  # first line of each basket
         b_cust = rows[first]
         b_time = pd.to_numeric(pd.Series(lines["ordered_at"].to_numpy()[first]), errors="coerce").to_numpy()
-        order = np.lexsort((uniques.to_numpy().argsort().argsort(), b_time, b_cust))
+        order = np.lexsort((np.arange(len(uniques)), b_time, b_cust))
         cust_sorted = b_cust[order]
         last_of_cust = np.r_[cust_sorted[1:] != cust_sorted[:-1], True]
         ends = np.flatnonzero(last_of_cust)
@@ -418,14 +419,8 @@ class BaseRecommender(BaseEstimator):
         method_dtype = pd.CategoricalDtype(pd.unique(pd.Series([self.method, "popularity"], dtype="str")))
 
         def chunk_of(s, e):
-            frame = self._recommend_rows(ids[s:e], history[s:e], recent[s:e], rows[s:e], n, exclude_purchased,
-                                         explain)
-            if compact:
-                frame["product_id"] = pd.Categorical(frame["product_id"], dtype=item_dtype)
-                frame["method"] = pd.Categorical(frame["method"], dtype=method_dtype)
-                if frame["method"].isna().any():  # a method outside the dtype would silently become NaN
-                    raise RecommenderError(f"unexpected method in {sorted(set(frame['method'].dropna()))}")
-            return frame
+            return self._recommend_rows(ids[s:e], history[s:e], recent[s:e], rows[s:e], n, exclude_purchased,
+                                        explain, categories=(item_dtype, method_dtype) if compact else None)
 
         frames = self._score_chunks(len(ids), chunk_of)
         if not frames:
@@ -460,17 +455,19 @@ class BaseRecommender(BaseEstimator):
         return []
 
     def _recommend_rows(self, ids, history, recent, rows, n, exclude_purchased, explain=True,
-                        basket_request=False) -> pd.DataFrame:
+                        basket_request=False, categories=None) -> pd.DataFrame:
         for model in [self, *self._parts()]:
             model._cache = {}
         self._cache["basket_request"] = basket_request  # a hybrid blends a request's basket differently
         try:
-            return self._rank(ids, history, recent, rows, n, exclude_purchased, explain)
+            return self._rank(ids, history, recent, rows, n, exclude_purchased, explain, categories)
         finally:
             for model in [self, *self._parts()]:
                 model._cache = None
 
-    def _rank(self, ids, history, recent, rows, n, exclude_purchased, explain) -> pd.DataFrame:
+    def _rank(self, ids, history, recent, rows, n, exclude_purchased, explain, categories=None) -> pd.DataFrame:
+        """The chunk's top-``n`` frame; with ``categories`` (the item and method dtypes of a compact scoring),
+        ``product_id`` and ``method`` are categoricals made from the picks' codes (no string lookups)."""
         # our own float64 copy (the scores may be a component's broadcast row or memo), changed in place below:
         # a chunk-sized array is allocated once, not once per step
         scores = np.array(self._scores(history, recent, rows), dtype=np.float64)
@@ -503,11 +500,20 @@ class BaseRecommender(BaseEstimator):
         # Arrow-backed strings built per chunk: ids, items and methods are takes from small Arrow arrays (no
         # Python string per row), and the chunk's reason objects are freed here, not held until the end of a
         # 10M-row scoring (at 1M customers the object columns were most of the step's peak memory)
-        methods = _text([self.method, "popularity"]).take(fill.ravel()[keep].astype(np.int64))
+        item_codes, popular = picks.ravel()[keep], fill.ravel()[keep]
+        if categories is None:
+            items = _text(self.items_).take(item_codes)
+            methods = _text([self.method, "popularity"]).take(popular.astype(np.int64))
+        else:
+            item_dtype, method_dtype = categories
+            items = pd.Categorical.from_codes(item_codes, dtype=item_dtype)
+            named = method_dtype.categories
+            methods = pd.Categorical.from_codes(
+                np.where(popular, named.get_loc("popularity"), named.get_loc(self.method)), dtype=method_dtype)
         return pd.DataFrame({
             "customer_id": _text(ids).take(np.repeat(np.arange(len(ids)), n_eff)[keep]),
             "rank": np.tile(np.arange(1, n_eff + 1), len(ids))[keep],
-            "product_id": _text(self.items_).take(picks.ravel()[keep]),
+            "product_id": items,
             "score": np.where(positive, picked, 0.0).ravel()[keep],
             "method": methods,
             "reason": pd.array(reasons.ravel()[keep], dtype="str"),
