@@ -7,6 +7,10 @@ the production path reads them from the dbt marts.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -412,3 +416,18 @@ def test_score_value_without_a_champion_is_a_clear_error(warehouse):
 
     with pytest.raises(CrmError, match="No champion registered"):
         score_value(warehouse)
+
+
+@pytest.mark.parametrize(("preset", "spin_count"), [(None, "0"), ("ACTIVE", "30000000000")])
+def test_openmp_threads_sleep_when_idle_unless_the_deployment_says_otherwise(preset, spin_count):
+    """Importing our code sets OMP_WAIT_POLICY=PASSIVE before scikit-learn loads its OpenMP runtime, so idle
+    threads of a scoring task do not spin on cores the night's other tasks need; libgomp's own report of its
+    settings (OMP_DISPLAY_ENV) shows what it took. A policy set by the deployment is kept."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | {"OMP_DISPLAY_ENV": "VERBOSE"}
+    if preset is not None:
+        env["OMP_WAIT_POLICY"] = preset
+    done = subprocess.run([sys.executable, "-c", "import ml.value"], env=env, capture_output=True, text=True,
+                          check=True, timeout=120)
+    report = done.stdout + done.stderr
+    assert "OPENMP DISPLAY ENVIRONMENT" in report  # scikit-learn's OpenMP runtime was loaded by the import
+    assert f"GOMP_SPINCOUNT = '{spin_count}'" in report
