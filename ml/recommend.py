@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from pandas.api.types import union_categoricals
 from sklearn.base import BaseEstimator, clone
 
 from ml.baskets import AssociationRules, BasketError, FrequentItemsets
@@ -389,9 +390,10 @@ class BaseRecommender(BaseEstimator):
         subset's *whole* history lines (not only tonight's): the cost is linear in the lines passed and the
         customers scored, and each customer's answer does not depend on who else is scored.
 
-        ``compact=True`` returns ``product_id`` and ``method`` as categoricals, converted chunk by chunk: the
-        nightly's frames have ~10 rows per customer, and as text these two columns were ~0.6 GB more at 1M
-        customers while the chunks were gathered and concatenated.
+        ``compact=True`` returns ``product_id``, ``method`` and ``reason`` as categoricals, made chunk by chunk:
+        the nightly's frames have ~10 rows per customer, and as text ``product_id`` and ``method`` were ~0.6 GB
+        more at 1M customers while the chunks were gathered and concatenated; the reasons, ~60 characters a row,
+        are a few hundred distinct sentences (popular items, user-kNN counts, rules), ~0.6 GB as text.
         """
         self._check_fitted()
         if n < 1:
@@ -425,7 +427,14 @@ class BaseRecommender(BaseEstimator):
         frames = self._score_chunks(len(ids), chunk_of)
         if not frames:
             return pd.DataFrame(columns=OUTPUT_COLUMNS)
-        return pd.concat(frames, ignore_index=True)[OUTPUT_COLUMNS]
+        if not compact:
+            return pd.concat(frames, ignore_index=True)[OUTPUT_COLUMNS]
+        # each chunk's reasons are a categorical of its own few sentences: unified here, not concatenated (that
+        # would turn them back into one string per row)
+        reasons = union_categoricals([frame.pop("reason").array for frame in frames])
+        out = pd.concat(frames, ignore_index=True)
+        out["reason"] = reasons
+        return out[OUTPUT_COLUMNS]
 
     def _score_chunks(self, n_rows: int, chunk_of) -> list[pd.DataFrame]:
         """``chunk_of(start, end)`` for consecutive chunks of ``n_rows`` customers, in order.
@@ -467,7 +476,8 @@ class BaseRecommender(BaseEstimator):
 
     def _rank(self, ids, history, recent, rows, n, exclude_purchased, explain, categories=None) -> pd.DataFrame:
         """The chunk's top-``n`` frame; with ``categories`` (the item and method dtypes of a compact scoring),
-        ``product_id`` and ``method`` are categoricals made from the picks' codes (no string lookups)."""
+        ``product_id`` and ``method`` are categoricals made from the picks' codes (no string lookups) and
+        ``reason`` a categorical of the chunk's distinct sentences."""
         # our own float64 copy (the scores may be a component's broadcast row or memo), changed in place below:
         # a chunk-sized array is allocated once, not once per step
         scores = np.array(self._scores(history, recent, rows), dtype=np.float64)
@@ -516,7 +526,8 @@ class BaseRecommender(BaseEstimator):
             "product_id": items,
             "score": np.where(positive, picked, 0.0).ravel()[keep],
             "method": methods,
-            "reason": pd.array(reasons.ravel()[keep], dtype="str"),
+            "reason": pd.array(reasons.ravel()[keep], dtype="str") if categories is None
+            else pd.Categorical(pd.array(reasons.ravel()[keep], dtype="str")),
         })
 
     def _cold_start(self, ids, n) -> pd.DataFrame:

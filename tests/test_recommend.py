@@ -176,7 +176,9 @@ def test_chunks_scored_in_threads_give_the_serial_answer(sliced, monkeypatch):
     compact = model.recommend_from_lines(lines, customer_ids=customers, n=10, compact=True)
     assert isinstance(compact["product_id"].dtype, pd.CategoricalDtype)
     assert isinstance(compact["method"].dtype, pd.CategoricalDtype)
-    pd.testing.assert_frame_equal(compact.astype({"product_id": "str", "method": "str"}), serial_lines)
+    assert isinstance(compact["reason"].dtype, pd.CategoricalDtype)  # each chunk's sentences, unified
+    pd.testing.assert_frame_equal(compact.astype({"product_id": "str", "method": "str", "reason": "str"}),
+                                  serial_lines)
 
 
 def test_bad_input(sliced):
