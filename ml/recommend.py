@@ -393,7 +393,7 @@ class BaseRecommender(BaseEstimator):
         ``compact=True`` returns ``product_id``, ``method`` and ``reason`` as categoricals, made chunk by chunk:
         the nightly's frames have ~10 rows per customer, and as text ``product_id`` and ``method`` were ~0.6 GB
         more at 1M customers while the chunks were gathered and concatenated; the reasons, ~60 characters a row,
-        are a few hundred distinct sentences (popular items, user-kNN counts, rules), ~0.6 GB as text.
+        are a few thousand distinct sentences (5,266 in the 9.5M rows of the 1M benchmark), ~0.6 GB as text.
         """
         self._check_fitted()
         if n < 1:
