@@ -364,8 +364,8 @@ def test_a_table_without_a_load_time_is_tested_whole_on_every_night(built):
         conn.execute("update marts.customer_features set recency_days = -1 where customer_id = 'c2'")
         conn.commit()
     try:
-        with pytest.raises(DbtBuildFailed, match="accepted_range_customer_features_recency_days"):
-            run_dbt(settings, ["test", "--select", "accepted_range_customer_features_recency_days__0"],
+        with pytest.raises(DbtBuildFailed, match="accepted_ranges_customer_features"):
+            run_dbt(settings, ["test", "--select", "accepted_ranges_customer_features"],
                     vars={"horizon_days": 60, "tested_through": "2999-01-01T00:00:00+00:00"})
     finally:
         with connect(settings) as conn:
@@ -373,6 +373,43 @@ def test_a_table_without_a_load_time_is_tested_whole_on_every_night(built):
                          "from staging.int_customer_features_as_of f "
                          "where c.customer_id = 'c2' and f.customer_id = c.customer_id")
             conn.commit()
+
+
+def test_accepted_ranges_reports_each_column_outside_its_range_in_one_scan(built):
+    """The per-customer marts' column ranges are one test per model (tests/generic/test_accepted_ranges.sql):
+    it passes on the built marts and fails with one row per offending column, naming the column, its range,
+    how many rows are outside and the extreme values, wherever the values break the min or the max."""
+    settings, _ = built
+    test = "accepted_ranges_clv_scoring_set"
+    run_dbt(settings, ["test", "--select", test], vars={"horizon_days": 60})
+    with connect(settings) as conn:
+        customers = [r[0] for r in conn.execute(
+            "select customer_id from marts.clv_scoring_set order by customer_id limit 3").fetchall()]
+        saved = conn.execute("select customer_id, recency_days, return_rate, q4_spend_share from marts.clv_scoring_set "
+                             "where customer_id = any(%s)", [customers]).fetchall()
+        conn.execute("update marts.clv_scoring_set set recency_days = -3 where customer_id = %s", [customers[0]])
+        conn.execute("update marts.clv_scoring_set set recency_days = -1, return_rate = 1.5 where customer_id = %s",
+                     [customers[1]])
+        # a null is not out of range (pair the column with not_null for that)
+        conn.execute("update marts.clv_scoring_set set q4_spend_share = null where customer_id = %s", [customers[2]])
+        conn.commit()
+    try:
+        with pytest.raises(DbtBuildFailed, match=test) as failed:
+            run_dbt(settings, ["test", "--select", test, "--store-failures"], vars={"horizon_days": 60})
+        assert failed.value.result.failed_nodes[0].failures == 2
+        with connect(settings) as conn:
+            audit = conn.execute("select table_schema from information_schema.tables where table_name = %s",
+                                 [test]).fetchone()[0]
+            rows = conn.execute(f'select column_name, accepted_range, n_rows_outside, lowest_outside, highest_outside '
+                                f'from "{audit}"."{test}" order by column_name').fetchall()
+        assert rows == [("recency_days", "[0, ]", 2, "-3", "-1"), ("return_rate", "[0, 1]", 1, "1.5", "1.5")]
+    finally:
+        with connect(settings) as conn:
+            for customer_id, recency_days, return_rate, share in saved:
+                conn.execute("update marts.clv_scoring_set set recency_days = %s, return_rate = %s, q4_spend_share = %s "
+                             "where customer_id = %s", [recency_days, return_rate, share, customer_id])
+            conn.commit()
+    run_dbt(settings, ["test", "--select", test], vars={"horizon_days": 60})
 
 
 def test_a_malformed_tested_through_is_a_clear_error(built):
