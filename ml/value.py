@@ -55,6 +55,7 @@ from sklearn.metrics import (
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
+from ml import tree_predict
 from ml.btyd import BetaGeoFitter, BtydInputError, GammaGammaFitter
 from ml.errors import CrmError
 
@@ -356,7 +357,11 @@ def baseline_predictions(frame: pd.DataFrame) -> dict[str, np.ndarray]:
 # Estimators
 # ---------------------------------------------------------------------------------------------------------
 def _signed_log1p(x):
-    return np.sign(x) * np.log1p(np.abs(x))
+    x = np.asarray(x, dtype=float)
+    out = np.log1p(np.abs(x))
+    np.copysign(out, x, out=out)
+    out += 0.0  # -0.0 -> 0.0, as sign(-0.0) * 0 gives: the plain formula bit for bit, without its temporaries
+    return out
 
 
 def _linear_preprocess() -> Pipeline:
@@ -389,7 +394,7 @@ class PerDayRegressor(RegressorMixin, BaseEstimator):
         return self
 
     def predict(self, X: pd.DataFrame):
-        return self.estimator_.predict(X) * X["horizon_days"].to_numpy(float)
+        return tree_predict.predict(self.estimator_, X) * X["horizon_days"].to_numpy(float)
 
 
 def _weight_param(est) -> str:
@@ -448,7 +453,7 @@ class BtydBoostedRegressor(RegressorMixin, BaseEstimator):
         return np.maximum(X["btyd_expected_spend"].to_numpy(float), getattr(self, "base_floor_", 1e-6))
 
     def predict(self, X: pd.DataFrame):
-        return self._base(X) * self.estimator_.predict(self._inputs(X))
+        return self._base(X) * tree_predict.predict(self.estimator_, self._inputs(X))
 
 
 class SubsampledForestRegressor(RegressorMixin, BaseEstimator):
@@ -619,8 +624,8 @@ class ValueModel:
         _check_frame(frame, name="scoring frame", labels=False)
         X = self.prepare(frame)
         if self.kind == "churn":
-            return self.estimator.predict_proba(X)[:, 1]
-        return self.estimator.predict(X)
+            return tree_predict.predict_proba(self.estimator, X)[:, 1]
+        return tree_predict.predict(self.estimator, X)
 
 
 @dataclass
