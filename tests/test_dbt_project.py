@@ -358,6 +358,38 @@ def test_a_night_tests_the_rows_loaded_after_the_last_tested_load_less_the_look_
             conn.commit()
 
 
+def test_the_signup_check_reads_the_orders_a_night_processed(built):
+    """assert_no_order_before_signup_unless_flagged: an unflagged order before its customer's signup fails the
+    test when the order was (re)processed after tested_through less the look-back, or when every row is
+    tested; processed long before, the night that processed it checked it."""
+    settings, _ = built
+    test = "assert_no_order_before_signup_unless_flagged"
+    with connect(settings) as conn:
+        # o9 was placed before c6 signed up, and is flagged (see test_orders_flags)
+        loaded_at = conn.execute("select _source_loaded_at from marts.fct_orders where order_id = 'o9'").fetchone()[0]
+        conn.execute("update marts.fct_orders set is_before_signup = false where order_id = 'o9'")
+        conn.commit()
+
+    def failures(tested_through: dt.datetime | None) -> int:
+        variables = {"horizon_days": 60, "tested_through": tested_through and tested_through.isoformat()}
+        try:
+            run_dbt(settings, ["test", "--select", test], vars=variables)
+        except DbtBuildFailed as failed:
+            assert failed.result.failed_nodes[0].failures is not None, str(failed)
+            return failed.result.failed_nodes[0].failures
+        return 0
+
+    try:
+        assert failures(None) == 1
+        assert failures(loaded_at + dt.timedelta(hours=7)) == 0
+        assert failures(loaded_at + dt.timedelta(hours=5)) == 1
+    finally:
+        with connect(settings) as conn:
+            conn.execute("update marts.fct_orders set is_before_signup = true where order_id = 'o9'")
+            conn.commit()
+    assert failures(None) == 0
+
+
 def test_a_table_without_a_load_time_is_tested_whole_on_every_night(built):
     settings, _ = built
     with connect(settings) as conn:
