@@ -511,6 +511,7 @@ class BaseRecommender(BaseEstimator):
         # Python string per row), and the chunk's reason objects are freed here, not held until the end of a
         # 10M-row scoring (at 1M customers the object columns were most of the step's peak memory)
         item_codes, popular = picks.ravel()[keep], fill.ravel()[keep]
+        reason = pd.array(reasons.ravel()[keep], dtype="str")
         if categories is None:
             items = _text(self.items_).take(item_codes)
             methods = _text([self.method, "popularity"]).take(popular.astype(np.int64))
@@ -526,8 +527,7 @@ class BaseRecommender(BaseEstimator):
             "product_id": items,
             "score": np.where(positive, picked, 0.0).ravel()[keep],
             "method": methods,
-            "reason": pd.array(reasons.ravel()[keep], dtype="str") if categories is None
-            else pd.Categorical(pd.array(reasons.ravel()[keep], dtype="str")),
+            "reason": reason if categories is None else pd.Categorical(reason),
         })
 
     def _cold_start(self, ids, n) -> pd.DataFrame:

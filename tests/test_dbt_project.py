@@ -324,15 +324,21 @@ def test_point_in_time_test_catches_a_feature_that_read_after_its_cutoff(built, 
 DISCOUNT_TEST = "accepted_range_fct_order_lines_discount__1__0"
 
 
-def _discount_test(settings, tested_through: str | None) -> int:
-    """Failing rows of the discount range test of fct_order_lines (0 when it passes)."""
+def _test_failures(settings, test: str, tested_through: str | None) -> int:
+    """Failing rows of one data test under a night's tested_through (0 when it passes)."""
     variables = {"horizon_days": 60, "training_snapshots": 1, "tested_through": tested_through}
     try:
-        run_dbt(settings, ["test", "--select", DISCOUNT_TEST], vars=variables)
+        run_dbt(settings, ["test", "--select", test], vars=variables)
     except DbtBuildFailed as failed:
-        assert DISCOUNT_TEST in str(failed)
+        assert test in str(failed)
+        assert failed.result.failed_nodes[0].failures is not None, str(failed)  # failed, not errored
         return failed.result.failed_nodes[0].failures
     return 0
+
+
+def _discount_test(settings, tested_through: str | None) -> int:
+    """Failing rows of the discount range test of fct_order_lines (0 when it passes)."""
+    return _test_failures(settings, DISCOUNT_TEST, tested_through)
 
 
 def test_a_night_tests_the_rows_loaded_after_the_last_tested_load_less_the_look_back(built):
@@ -371,13 +377,7 @@ def test_the_signup_check_reads_the_orders_a_night_processed(built):
         conn.commit()
 
     def failures(tested_through: dt.datetime | None) -> int:
-        variables = {"horizon_days": 60, "tested_through": tested_through and tested_through.isoformat()}
-        try:
-            run_dbt(settings, ["test", "--select", test], vars=variables)
-        except DbtBuildFailed as failed:
-            assert failed.result.failed_nodes[0].failures is not None, str(failed)
-            return failed.result.failed_nodes[0].failures
-        return 0
+        return _test_failures(settings, test, tested_through and tested_through.isoformat())
 
     try:
         assert failures(None) == 1
