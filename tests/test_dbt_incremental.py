@@ -192,3 +192,42 @@ def test_features_ignore_data_after_their_cutoff(warehouse):
         unchanged_before = before[table][before[table]["customer_id"] != "c2"].reset_index(drop=True)
         unchanged_after = after[table][after[table]["customer_id"] != "c2"].reset_index(drop=True)
         pd.testing.assert_frame_equal(unchanged_before, unchanged_after)
+
+
+STATISTICS_TABLES = ["staging.stg_crm__order_lines", "staging.stg_crm__web_events", "marts.fct_order_lines",
+                     "marts.customer_features"]
+
+
+def _last_analyzed(settings) -> dict:
+    """When each of STATISTICS_TABLES was last analysed by a build (autovacuum's own analyses left out)."""
+    with connect(settings) as conn:
+        rows = conn.execute(
+            "select schemaname || '.' || relname, last_analyze from pg_stat_user_tables "
+            "where schemaname || '.' || relname = any(%s)", (STATISTICS_TABLES,)).fetchall()
+    return dict(rows)
+
+
+def test_a_night_gathers_statistics_only_where_they_went_stale(warehouse):
+    load_fixture(warehouse)
+    dbt_build(warehouse, horizon_days=60)
+    built = _last_analyzed(warehouse)
+    assert set(built) == set(STATISTICS_TABLES) and all(built.values()), built  # every table has statistics
+
+    # one new order line: far below the threshold (50 rows + 10 % of the table)
+    _deliver(warehouse, orders=[("o40", "c1", "2024-03-28 09:00", "completed", 3, LOADED_3)],
+             lines=[("o40", 1, "P1", 1, 10.0, 3, LOADED_3)])
+    dbt_build(warehouse, horizon_days=60)
+    assert "o40" in set(_read(warehouse, "staging.stg_crm__order_lines")["order_id"])
+    night = _last_analyzed(warehouse)
+    for table in ("staging.stg_crm__order_lines", "marts.fct_order_lines"):
+        assert night[table] == built[table], f"{table} was re-analysed for one new row"
+    # a table model is a new table on every build: analysed every time
+    assert night["marts.customer_features"] > built["marts.customer_features"]
+
+    # a delivery that is most of a table is analysed in the same night, before its tests and readers are planned
+    loaded_4 = "2024-06-02 00:00:00+00"
+    _deliver(warehouse, web_events=[("c1", f"s{i}", "view", "P1", "2024-03-27 10:00", 4, loaded_4) for i in range(80)])
+    dbt_build(warehouse, horizon_days=60)
+    after = _last_analyzed(warehouse)
+    assert after["staging.stg_crm__web_events"] > night["staging.stg_crm__web_events"]
+    assert after["staging.stg_crm__order_lines"] == built["staging.stg_crm__order_lines"]

@@ -1,4 +1,4 @@
-{{ config(schema='marts', materialized='table', post_hook="analyze {{ this }}") }}
+{{ config(schema='marts', materialized='table', post_hook="{{ analyze_if_stale(this) }}") }}
 
 with
 
