@@ -100,6 +100,19 @@ create table if not exists raw.web_events (
     _loaded_at   timestamptz not null default now()
 );
 
+-- Block-range indexes on the load time. A raw table is append-only and a load stamps its rows with one
+-- `_loaded_at`, so each delivery's rows sit in adjacent blocks: a BRIN index (a few pages for millions of rows)
+-- lets an incremental night read just the blocks loaded since its watermark, where the staging models'
+-- look-ups and int_rows_rejected scanned every raw table whole (14M web events at 1M customers, ~1 s a scan)
+-- to find one day's rows. COPY keeps it up for ~5 % of the insert's server time. Block ranges not yet
+-- summarised (the newest, until autovacuum gets to them) are always read: the index is never wrong, only
+-- less selective for a while.
+create index if not exists customers_loaded_at_brin on raw.customers using brin (_loaded_at);
+create index if not exists products_loaded_at_brin on raw.products using brin (_loaded_at);
+create index if not exists orders_loaded_at_brin on raw.orders using brin (_loaded_at);
+create index if not exists order_lines_loaded_at_brin on raw.order_lines using brin (_loaded_at);
+create index if not exists web_events_loaded_at_brin on raw.web_events using brin (_loaded_at);
+
 -- What the generator planted, so tests can check models against the truth.
 create table if not exists audit.planted_truth (
     batch_id  bigint not null references audit.load_batches (batch_id),
