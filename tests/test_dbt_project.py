@@ -12,6 +12,7 @@ import uuid
 from decimal import Decimal
 
 import pandas as pd
+import psycopg
 import pytest
 
 from ml.dbt import DbtBuildFailed, dbt_build, dbt_docs_generate, dbt_parse, run_dbt
@@ -256,6 +257,33 @@ def test_a_poisoning_row_fails_the_build_naming_the_test(built):
         with connect(settings) as conn:
             conn.execute("update marts.customer_features set net_spend = 40 where customer_id = 'c2'")
             conn.commit()
+
+
+PER_CUSTOMER_TABLES = ["staging.int_customers_unioned", "staging.int_customer_features_as_of_p0",
+                       "staging.int_customer_features_as_of_p1", "staging.int_customer_rfm", "marts.dim_customers",
+                       "marts.customer_features", "marts.clv_scoring_set"]
+
+
+def unique_keys(conn, table: str) -> list[list[str]]:
+    """The columns of each unique index of ``table``."""
+    rows = conn.execute(
+        "select array_agg(a.attname order by a.attnum) from pg_index i join pg_attribute a "
+        "on a.attrelid = i.indrelid and a.attnum = any(i.indkey) where i.indrelid = %s::regclass "
+        "and i.indisunique group by i.indexrelid", (table,)).fetchall()
+    return [row[0] for row in rows]
+
+
+def test_a_second_row_of_a_customer_is_refused_by_every_per_customer_table(built):
+    """These tables are rebuilt whole every night: a unique index checks their key as the rows are written,
+    where a unique test read each table again (campaign_audiences, built after the trainings: test_dags)."""
+    settings, _ = built
+    for table in PER_CUSTOMER_TABLES:
+        with connect(settings) as conn:
+            assert unique_keys(conn, table) == [["customer_id"]], table
+            one = conn.execute(f"select customer_id from {table} limit 1").fetchone()[0]  # noqa: S608 (fixed names)
+            with pytest.raises(psycopg.errors.UniqueViolation, match="customer_id"):
+                conn.execute(f"insert into {table} select * from {table} where customer_id = %s", (one,))  # noqa: S608
+            conn.rollback()
 
 
 def test_docs_generate_and_parse_work_offline(built, tmp_path):

@@ -1,4 +1,9 @@
-{{ config(schema='marts', materialized='table', post_hook="{{ analyze_if_stale(this) }}") }}
+{{ config(
+    schema='marts',
+    materialized='table',
+    indexes=[{'columns': ['customer_id'], 'unique': True}],
+    post_hook="{{ analyze_if_stale(this) }}",
+) }}
 
 with
 
