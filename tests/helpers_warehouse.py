@@ -34,3 +34,15 @@ def generated_warehouse(server_settings: Settings, root: Path, params) -> Iterat
         while mlflow.active_run() is not None:
             mlflow.end_run("FAILED")
         drop_database(settings)
+
+
+def unique_index_columns(conn, relation: str, *, primary: bool = False) -> list[list[str]]:
+    """The key columns, in index order, of each unique index of ``relation`` (only its primary key when
+    ``primary``)."""
+    rows = conn.execute(
+        "select array_agg(a.attname::text order by u.ord) from pg_index i "
+        "cross join lateral unnest(i.indkey::int2[]) with ordinality u(attnum, ord) "
+        "join pg_attribute a on a.attrelid = i.indrelid and a.attnum = u.attnum "
+        "where i.indrelid = %s::regclass and i.indisunique and (i.indisprimary or not %s) "
+        "group by i.indexrelid order by i.indexrelid", [relation, primary]).fetchall()
+    return [row[0] for row in rows]

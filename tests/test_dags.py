@@ -13,7 +13,7 @@ import textwrap
 from datetime import timedelta
 
 import pytest
-from test_dbt_project import unique_keys
+from helpers_warehouse import unique_index_columns
 
 from ml import airflow_env as ae
 from ml.config import Settings
@@ -294,7 +294,7 @@ def test_full_nightly_run_end_to_end_and_a_rerun_of_the_same_as_of_is_identical(
         assert conn.execute("select as_of, scope from audit.data_test_runs").fetchall() == [(as_of, "all")]
         # built after the trainings, unique by customer as the other per-customer tables (test_dbt_project)
         assert conn.execute("select count(*) from marts.campaign_audiences").fetchone()[0] > 0
-        assert unique_keys(conn, "marts.campaign_audiences") == [["customer_id"]]
+        assert unique_index_columns(conn, "marts.campaign_audiences") == [["customer_id"]]
 
     # The same as_of again (explicitly, as a backfill of that date would), retraining every family:
     # replaced, never duplicated, and the retrained models publish exactly the same tables.

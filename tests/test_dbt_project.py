@@ -14,6 +14,7 @@ from decimal import Decimal
 import pandas as pd
 import psycopg
 import pytest
+from helpers_warehouse import unique_index_columns
 
 from ml.dbt import DbtBuildFailed, dbt_build, dbt_docs_generate, dbt_parse, run_dbt
 from ml.warehouse import connect, copy_in, create_database, drop_database, init_schemas
@@ -264,22 +265,13 @@ PER_CUSTOMER_TABLES = ["staging.int_customers_unioned", "staging.int_customer_fe
                        "marts.customer_features", "marts.clv_scoring_set"]
 
 
-def unique_keys(conn, table: str) -> list[list[str]]:
-    """The columns of each unique index of ``table``."""
-    rows = conn.execute(
-        "select array_agg(a.attname order by a.attnum) from pg_index i join pg_attribute a "
-        "on a.attrelid = i.indrelid and a.attnum = any(i.indkey) where i.indrelid = %s::regclass "
-        "and i.indisunique group by i.indexrelid", (table,)).fetchall()
-    return [row[0] for row in rows]
-
-
 def test_a_second_row_of_a_customer_is_refused_by_every_per_customer_table(built):
     """These tables are rebuilt whole every night: a unique index checks their key as the rows are written,
     where a unique test read each table again (campaign_audiences, built after the trainings: test_dags)."""
     settings, _ = built
     for table in PER_CUSTOMER_TABLES:
         with connect(settings) as conn:
-            assert unique_keys(conn, table) == [["customer_id"]], table
+            assert unique_index_columns(conn, table) == [["customer_id"]], table
             one = conn.execute(f"select customer_id from {table} limit 1").fetchone()[0]  # noqa: S608 (fixed names)
             with pytest.raises(psycopg.errors.UniqueViolation, match="customer_id"):
                 conn.execute(f"insert into {table} select * from {table} where customer_id = %s", (one,))  # noqa: S608

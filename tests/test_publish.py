@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import psycopg
 import pytest
+from helpers_warehouse import unique_index_columns
 
 from ml.config import PROJECT_ROOT
 from ml.publish import (
@@ -410,10 +411,7 @@ def test_publish_killed_during_copy_leaves_previous_table_intact(warehouse, tmp_
 # Storage layout: optional key index, histories of earlier versions, metadata not written per row
 # ---------------------------------------------------------------------------------------------------------
 def _primary_key(conn, relation: str) -> list[str]:
-    return [r[0] for r in conn.execute(
-        "select a.attname from pg_index i cross join lateral unnest(i.indkey::int2[]) with ordinality u(n, o) "
-        "join pg_attribute a on a.attrelid = i.indrelid and a.attnum = u.n "
-        "where i.indrelid = %s::regclass and i.indisprimary order by u.o", [relation]).fetchall()]
+    return next(iter(unique_index_columns(conn, relation, primary=True)), [])
 
 
 def test_index_keys_gives_a_primary_key_on_every_partition_and_reruns_keep_it(warehouse):
